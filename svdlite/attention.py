@@ -1,0 +1,36 @@
+"""Attention: one SDPA call site, an exact explicit-softmax path beside it for tests, and the self-attention module.
+
+Cross-attention has no module here: SVD's context is a single token, so svdlite folds it (see `unet_blocks.py`).
+"""
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d)) v over (batch, heads, tokens, d) through torch's fused kernel."""
+    return F.scaled_dot_product_attention(q, k, v)
+
+
+def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """The same product computed explicitly in float32 (sgm `CrossAttention` with softmax); for tests."""
+    scores = torch.einsum("bhid,bhjd->bhij", q.float(), k.float()) * q.shape[-1] ** -0.5
+    return torch.einsum("bhij,bhjd->bhid", scores.softmax(dim=-1), v.float()).type(q.dtype)
+
+
+class SelfAttention(nn.Module):
+    """sgm `CrossAttention` used as self-attention: bias-free to_q/to_k/to_v, `to_out.0` Linear with bias."""
+
+    def __init__(self, dim: int, heads: int, dim_head: int):
+        super().__init__()
+        inner = heads * dim_head
+        self.heads = heads
+        self.to_q = nn.Linear(dim, inner, bias=False)
+        self.to_k = nn.Linear(dim, inner, bias=False)
+        self.to_v = nn.Linear(dim, inner, bias=False)
+        self.to_out = nn.Sequential(nn.Linear(inner, dim))  # `to_out.1` was dropout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = (rearrange(f(x), "b n (h d) -> b h n d", h=self.heads) for f in (self.to_q, self.to_k, self.to_v))
+        return self.to_out(rearrange(attention(q, k, v), "b h n d -> b n (h d)"))

@@ -1,0 +1,176 @@
+"""The VideoUNet's blocks, with sgm's module names (VideoResBlock, SpatialVideoTransformer and the blocks inside it).
+
+VCUT-native cross-attention. SVD's cross-attention context is one CLIP token, and softmax over a single key is
+identically 1, so `attn2(x, c) = to_out(to_v(c))` for every query: a constant per frame (spatial blocks, each
+frame's own token) or per video (temporal blocks, the first frame's token). svdlite stores the product
+`W_out W_v` and `b_out` as one Linear, `attn2_fold` (C x context_dim), applies it once per video in
+`context_vector`, and the block forward only adds that vector where the attention output was added. `to_q` and
+`to_k` never influence the output, and are never loaded. `norm2` is kept (it fed only the ignored query) so the
+ablation that recomputes attention the original way has its weights.
+"""
+import torch
+from einops import rearrange
+from torch import nn
+
+from .attention import SelfAttention
+from .layers import FeedForward, GroupNorm32, ResBlock, conv_nd, timestep_embedding
+
+
+def mix_factor_alpha(mix_factor: torch.Tensor, image_only_indicator: torch.Tensor) -> torch.Tensor:
+    """sgm AlphaBlender ("learned_with_images"): alpha = 1 for image-only frames, else sigmoid(mix_factor); (b, t)."""
+    return torch.where(image_only_indicator.bool(), torch.ones_like(image_only_indicator, dtype=torch.float32),
+                       torch.sigmoid(mix_factor.float()))
+
+
+class AlphaBlender(nn.Module):
+    """out = alpha * spatial + (1 - alpha) * temporal; `mix_factor` is the checkpoint's learned scalar."""
+
+    def __init__(self):
+        super().__init__()
+        self.mix_factor = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x_spatial, x_temporal, image_only_indicator, pattern: str):
+        alpha = rearrange(mix_factor_alpha(self.mix_factor, image_only_indicator), pattern).to(x_spatial.dtype)
+        return alpha * x_spatial + (1.0 - alpha) * x_temporal
+
+
+class VideoResBlock(ResBlock):
+    """Spatial ResBlock (its own keys), then the temporal 3-D ResBlock `time_stack`, blended by `time_mixer`."""
+
+    def __init__(self, channels: int, emb_channels: int, out_channels: int | None = None, *, video_kernel_size=(3, 1, 1)):
+        super().__init__(channels, emb_channels, out_channels)
+        out_channels = out_channels or channels
+        self.time_stack = ResBlock(out_channels, emb_channels, out_channels, dims=3, kernel_size=video_kernel_size,
+                                   exchange_temb_dims=True)
+        self.time_mixer = AlphaBlender()
+
+    def forward(self, x, emb, num_frames: int, image_only_indicator):
+        x = super().forward(x, emb)
+        x_spatial = rearrange(x, "(b t) c h w -> b c t h w", t=num_frames)
+        x_temporal = self.time_stack(x_spatial, rearrange(emb, "(b t) c -> b t c", t=num_frames))
+        x = self.time_mixer(x_spatial, x_temporal, image_only_indicator, "b t -> b 1 t 1 1")
+        return rearrange(x, "b c t h w -> (b t) c h w")
+
+
+class BasicTransformerBlock(nn.Module):
+    """Spatial block over the h*w tokens of each frame: self-attention, folded cross-attention, GEGLU FF."""
+
+    def __init__(self, dim: int, heads: int, dim_head: int, context_dim: int):
+        super().__init__()
+        self.attn1 = SelfAttention(dim, heads, dim_head)
+        self.attn2_fold = nn.Linear(context_dim, dim)  # W_out W_v and b_out of the original attn2
+        self.ff = FeedForward(dim)
+        self.norm1, self.norm2, self.norm3 = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
+
+    def context_vector(self, token: torch.Tensor) -> torch.Tensor:
+        """attn2's output for a single context token: (n, context_dim) -> (n, dim)."""
+        return self.attn2_fold(token)
+
+    def forward(self, x: torch.Tensor, ctx_vec: torch.Tensor) -> torch.Tensor:
+        """x: ((b t), h*w, C); ctx_vec: ((b t), C), one per frame."""
+        x = self.attn1(self.norm1(x)) + x
+        x = x + ctx_vec[:, None, :].to(x.dtype)
+        return self.ff(self.norm3(x)) + x
+
+
+class VideoTransformerBlock(nn.Module):
+    """Temporal block over the T frames at each position: ff_in, self-attention, folded cross-attention, FF."""
+
+    def __init__(self, dim: int, heads: int, dim_head: int, context_dim: int):
+        super().__init__()
+        self.norm_in = nn.LayerNorm(dim)
+        self.ff_in = FeedForward(dim)
+        self.attn1 = SelfAttention(dim, heads, dim_head)
+        self.attn2_fold = nn.Linear(context_dim, dim)  # W_out W_v and b_out of the original attn2
+        self.ff = FeedForward(dim)
+        self.norm1, self.norm2, self.norm3 = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
+
+    def context_vector(self, token: torch.Tensor) -> torch.Tensor:
+        return self.attn2_fold(token)
+
+    def forward(self, x: torch.Tensor, ctx_vec: torch.Tensor, num_frames: int) -> torch.Tensor:
+        """x: ((b t), S, C); ctx_vec: (b, C), one per video (from its first frame's token)."""
+        s = x.shape[1]
+        x = rearrange(x, "(b t) s c -> (b s) t c", t=num_frames)
+        x = self.ff_in(self.norm_in(x)) + x
+        x = self.attn1(self.norm1(x)) + x
+        x = x + ctx_vec.to(x.dtype).repeat_interleave(s, dim=0)[:, None, :]
+        x = self.ff(self.norm3(x)) + x
+        return rearrange(x, "(b s) t c -> (b t) s c", s=s)
+
+
+class SpatialVideoTransformer(nn.Module):
+    """sgm SpatialVideoTransformer (linear proj_in/out, depth d): spatial blocks, each followed by a temporal
+    block on x + frame-position embedding, blended by `time_mixer`."""
+
+    def __init__(self, channels: int, heads: int, dim_head: int, depth: int, context_dim: int):
+        super().__init__()
+        inner = heads * dim_head
+        self.norm = nn.GroupNorm(32, channels, eps=1e-6)
+        self.proj_in = nn.Linear(channels, inner)
+        self.transformer_blocks = nn.ModuleList(
+            BasicTransformerBlock(inner, heads, dim_head, context_dim) for _ in range(depth))
+        self.time_stack = nn.ModuleList(VideoTransformerBlock(inner, heads, dim_head, context_dim) for _ in range(depth))
+        self.time_pos_embed = nn.Sequential(nn.Linear(channels, 4 * channels), nn.SiLU(), nn.Linear(4 * channels, channels))
+        self.time_mixer = AlphaBlender()
+        self.proj_out = nn.Linear(inner, channels)
+
+    def context_vectors(self, context: torch.Tensor, num_frames: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per depth: (spatial vector ((b t), C) from each frame's token, temporal vector (b, C) from frame 0's)."""
+        token = context[:, 0]
+        return [(blk.context_vector(token), mix.context_vector(token[::num_frames]))
+                for blk, mix in zip(self.transformer_blocks, self.time_stack)]
+
+    def forward(self, x, ctx_vecs, num_frames: int, image_only_indicator):
+        _, _, h, w = x.shape
+        x_in = x
+        x = rearrange(self.norm(x), "n c h w -> n (h w) c")
+        x = self.proj_in(x)
+        frames = torch.arange(num_frames, device=x.device).repeat(x.shape[0] // num_frames)
+        emb = self.time_pos_embed(timestep_embedding(frames, self.proj_in.in_features).to(x.dtype))[:, None, :]
+        for block, mix_block, (spatial_vec, temporal_vec) in zip(self.transformer_blocks, self.time_stack, ctx_vecs):
+            x = block(x, spatial_vec)
+            x_mix = mix_block(x + emb, temporal_vec, num_frames)
+            x = self.time_mixer(x, x_mix, image_only_indicator, "b t -> (b t) 1 1")
+        x = rearrange(self.proj_out(x), "n (h w) c -> n c h w", h=h, w=w)
+        return x + x_in
+
+
+class Downsample(nn.Module):
+    """Stride-2 3x3 conv, symmetric padding 1 (`op`)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.op = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+
+    def forward(self, x):
+        return self.op(x)
+
+
+class Upsample(nn.Module):
+    """Nearest x2, then 3x3 conv (`conv`)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = conv_nd(2, channels, channels, 3)
+
+    def forward(self, x):
+        return self.conv(nn.functional.interpolate(x, scale_factor=2, mode="nearest"))
+
+
+class TimestepEmbedSequential(nn.Sequential):
+    """A numbered block (`input_blocks.i`), passing each layer what it takes."""
+
+    def forward(self, x, emb, ctx_vecs, num_frames: int, image_only_indicator):
+        for layer in self:
+            if isinstance(layer, VideoResBlock):
+                x = layer(x, emb, num_frames, image_only_indicator)
+            elif isinstance(layer, SpatialVideoTransformer):
+                x = layer(x, ctx_vecs, num_frames, image_only_indicator)
+            else:
+                x = layer(x)
+        return x
+
+
+__all__ = ["AlphaBlender", "VideoResBlock", "BasicTransformerBlock", "VideoTransformerBlock",
+           "SpatialVideoTransformer", "Downsample", "Upsample", "TimestepEmbedSequential", "GroupNorm32"]

@@ -1,0 +1,153 @@
+"""UNet key tables: which original tensors each svdlite tensor comes from, and the diffusers names of the originals.
+
+svdlite's UNet names are the original sgm names (`model.diffusion_model.` stripped), except that each
+cross-attention `attn2.{to_q,to_k,to_v,to_out.0}` is replaced by the folded `attn2_fold` (see unet_blocks.py).
+The diffusers layout (`UNetSpatioTemporalConditionModel`) is one declarative table built by index arithmetic
+from the config (SVD_SPEC.md 7.2); nothing is reshaped.
+"""
+from .unet import UNetConfig
+
+ORIGINAL_PREFIX = "model.diffusion_model."
+
+# svdlite tensor -> the original tensors it is computed from (suffixes of the same block); fold = product in order
+FOLD_SOURCES = {
+    "attn2_fold.weight": ("attn2.to_out.0.weight", "attn2.to_v.weight"),
+    "attn2_fold.bias": ("attn2.to_out.0.bias",),
+}
+# Original tensors that never influence the output (softmax over one key is 1), hence never read.
+NEVER_READ_SUFFIXES = ("attn2.to_q.weight", "attn2.to_k.weight")
+
+
+def fold_sources(key: str) -> tuple[str, ...]:
+    """The original (sgm) keys an svdlite UNet key is read from: itself, or the attn2 tensors it folds."""
+    for suffix, sources in FOLD_SOURCES.items():
+        if key.endswith(suffix):
+            base = key[: -len(suffix)]
+            return tuple(base + s for s in sources)
+    return (key,)
+
+
+def original_unet_keys(svdlite_keys) -> list[str]:
+    """The full original key list (sgm names, no prefix) of the network whose svdlite keys are given."""
+    out = []
+    for key in svdlite_keys:
+        if key.endswith("attn2_fold.weight"):
+            base = key[: -len("attn2_fold.weight")]
+            out += [base + s for s in NEVER_READ_SUFFIXES] + [base + "attn2.to_v.weight", base + "attn2.to_out.0.weight"]
+        elif key.endswith("attn2_fold.bias"):
+            out.append(key[: -len("attn2_fold.bias")] + "attn2.to_out.0.bias")
+        else:
+            out.append(key)
+    return out
+
+
+_RESNET = {  # inside a VideoResBlock
+    "in_layers.0": "spatial_res_block.norm1",
+    "in_layers.2": "spatial_res_block.conv1",
+    "emb_layers.1": "spatial_res_block.time_emb_proj",
+    "out_layers.0": "spatial_res_block.norm2",
+    "out_layers.3": "spatial_res_block.conv2",
+    "skip_connection": "spatial_res_block.conv_shortcut",
+    "time_stack.in_layers.0": "temporal_res_block.norm1",
+    "time_stack.in_layers.2": "temporal_res_block.conv1",
+    "time_stack.emb_layers.1": "temporal_res_block.time_emb_proj",
+    "time_stack.out_layers.0": "temporal_res_block.norm2",
+    "time_stack.out_layers.3": "temporal_res_block.conv2",
+    "time_mixer": "time_mixer",
+}
+_TRANSFORMER = {  # inside a SpatialVideoTransformer; everything else keeps its name
+    "time_stack": "temporal_transformer_blocks",
+    "time_pos_embed.0": "time_pos_embed.linear_1",
+    "time_pos_embed.2": "time_pos_embed.linear_2",
+}
+
+
+def _block_table(cfg: UNetConfig) -> dict[str, tuple[str, dict | None]]:
+    """sgm module prefix -> (diffusers prefix, inner suffix table or None for a plain rename)."""
+    levels, nrb = len(cfg.channel_mult), cfg.num_res_blocks
+    table = {
+        "time_embed.0": ("time_embedding.linear_1", None), "time_embed.2": ("time_embedding.linear_2", None),
+        "label_emb.0.0": ("add_embedding.linear_1", None), "label_emb.0.2": ("add_embedding.linear_2", None),
+        "input_blocks.0.0": ("conv_in", None), "out.0": ("conv_norm_out", None), "out.2": ("conv_out", None),
+        "middle_block.0": ("mid_block.resnets.0", _RESNET), "middle_block.1": ("mid_block.attentions.0", _TRANSFORMER),
+        "middle_block.2": ("mid_block.resnets.1", _RESNET),
+    }
+    n, ds = 1, 1
+    for b in range(levels):
+        for l in range(nrb):
+            table[f"input_blocks.{n}.0"] = (f"down_blocks.{b}.resnets.{l}", _RESNET)
+            if ds in cfg.attention_resolutions:
+                table[f"input_blocks.{n}.1"] = (f"down_blocks.{b}.attentions.{l}", _TRANSFORMER)
+            n += 1
+        if b != levels - 1:
+            table[f"input_blocks.{n}.0.op"] = (f"down_blocks.{b}.downsamplers.0.conv", None)
+            n, ds = n + 1, ds * 2
+    n = 0
+    for b in range(levels):  # diffusers up_blocks.b is the sgm level levels-1-b
+        has_attn = ds in cfg.attention_resolutions
+        for l in range(nrb + 1):
+            table[f"output_blocks.{n}.0"] = (f"up_blocks.{b}.resnets.{l}", _RESNET)
+            if has_attn:
+                table[f"output_blocks.{n}.1"] = (f"up_blocks.{b}.attentions.{l}", _TRANSFORMER)
+            n += 1
+        if b != levels - 1:
+            table[f"output_blocks.{n - 1}.{1 + has_attn}.conv"] = (f"up_blocks.{b}.upsamplers.0.conv", None)
+            ds //= 2
+    return table
+
+
+def _longest_prefix(key: str, table: dict):
+    parts = key.split(".")
+    for i in range(len(parts), 0, -1):
+        prefix = ".".join(parts[:i])
+        if prefix in table:
+            return prefix, ".".join(parts[i:])
+    raise KeyError(key)
+
+
+def diffusers_unet_names(cfg: UNetConfig, original_keys) -> dict[str, str]:
+    """{sgm key: diffusers key} for the given original (sgm, unprefixed) keys."""
+    blocks = _block_table(cfg)
+    names = {}
+    for key in original_keys:
+        prefix, rest = _longest_prefix(key, blocks)
+        target, inner = blocks[prefix]
+        if inner is not None:
+            try:
+                sub, tail = _longest_prefix(rest, inner)
+                rest = inner[sub] + ("." + tail if tail else "")
+            except KeyError:
+                pass  # same name on both sides (norm, proj_in, transformer_blocks.*, ...)
+        names[key] = target + ("." + rest if rest else "")
+    return names
+
+
+def unet_config_from_diffusers(params: dict) -> UNetConfig:
+    """UNetConfig from a diffusers `unet/config.json` (UNetSpatioTemporalConditionModel)."""
+    widths = list(params.get("block_out_channels", (320, 640, 1280, 1280)))
+    heads = params.get("num_attention_heads", (5, 10, 20, 20))
+    heads = [heads] * len(widths) if isinstance(heads, int) else list(heads)
+    levels = len(widths)
+    down = list(params.get("down_block_types", ["CrossAttnDownBlockSpatioTemporal"] * (levels - 1)
+                           + ["DownBlockSpatioTemporal"]))
+    if down != ["CrossAttnDownBlockSpatioTemporal"] * (levels - 1) + ["DownBlockSpatioTemporal"]:
+        raise ValueError(f"unsupported diffusers down_block_types {down}: SVD's layout has attention at every "
+                         "level but the deepest")
+    head_dims = {w // h for w, h in zip(widths, heads)}
+    if len(head_dims) != 1 or any(w % h for w, h in zip(widths, heads)):
+        raise ValueError(f"block_out_channels {widths} / num_attention_heads {heads} do not give one head width")
+    if any(w % widths[0] for w in widths):
+        raise ValueError(f"block_out_channels {widths} are not multiples of the first")
+    depth = params.get("transformer_layers_per_block", 1)
+    if not isinstance(depth, int):
+        depth = set(depth)
+        if len(depth) != 1:
+            raise ValueError(f"transformer_layers_per_block {sorted(depth)} differ by level; SVD uses one depth")
+        depth = depth.pop()
+    return UNetConfig(
+        in_channels=params.get("in_channels", 8), out_channels=params.get("out_channels", 4),
+        model_channels=widths[0], channel_mult=tuple(w // widths[0] for w in widths),
+        attention_resolutions=tuple(2 ** i for i in reversed(range(levels - 1))),
+        num_res_blocks=params.get("layers_per_block", 2), num_head_channels=head_dims.pop(),
+        transformer_depth=depth, context_dim=params.get("cross_attention_dim", 1024),
+        adm_in_channels=params.get("projection_class_embeddings_input_dim", 768))
