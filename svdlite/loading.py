@@ -7,10 +7,13 @@ Formats (DESIGN.md "Weights and formats"):
 Only the tensors a model needs are read (safetensors `safe_open`); every read is recorded in `TensorSource.reads`.
 """
 import json
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors import SafetensorError, safe_open
+from torch import nn
 
 from .unet import UNetConfig, VideoUNet
 from .unet_keymap import (ORIGINAL_PREFIX, diffusers_unet_names, fold_sources, original_unet_keys,
@@ -142,42 +145,63 @@ def _fmt_keys(keys, limit: int = 8) -> str:
     return ", ".join(keys[:limit]) + more
 
 
-def read_unet_state_dict(src: TensorSource, fmt: str, config: UNetConfig, expected: dict[str, tuple],
-                         dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Read, fold and shape-check every tensor; raise one CheckpointError naming all problems."""
-    plan = unet_read_plan(fmt, config, expected)
-    available = src.keys()
-    needed = {s for srcs in plan.values() for s in srcs}
-    ignored = set()
-    if fmt != SVDLITE_FORMAT:
-        all_original = _source_names(fmt, config, expected)
-        ignored = set(all_original.values()) - needed
-    missing = needed - available
-    unexpected = _unet_file_keys(fmt, available) - needed - ignored
+def fold_matmul(w_out: torch.Tensor, w_v: torch.Tensor) -> torch.Tensor:
+    """attn2's W_out (C, C') @ W_v (C', D), in float64 so the fold adds one rounding only."""
+    return w_out.double() @ w_v.double()
+
+
+@dataclass(frozen=True)
+class Entry:
+    """How one model tensor is made: the file tensors it is read from, and how they combine (None: a copy)."""
+
+    sources: tuple[str, ...]
+    combine: Callable | None = None
+
+
+def load_planned(model: nn.Module, src: TensorSource, plan: dict[str, Entry], *, scope: set[str],
+                 ignored: set[str] = frozenset(), dtype: torch.dtype, device, label: str) -> nn.Module:
+    """Strictly load `model` (built on the meta device) from `src` following `plan`.
+
+    scope: the file's keys that belong to this component; any not in the plan and not deliberately `ignored`
+    is unexpected. All problems are collected and raised as one CheckpointError naming the keys.
+    """
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    if set(plan) != set(expected):
+        raise AssertionError(f"{label}: read plan and model disagree: {_fmt_keys(set(plan) ^ set(expected))}")
+    needed = {s for e in plan.values() for s in e.sources}
+    missing, unexpected = needed - src.keys(), scope - needed - set(ignored)
     if missing or unexpected:
         parts = [f"{len(missing)} missing: {_fmt_keys(missing)}"] if missing else []
         parts += [f"{len(unexpected)} unexpected: {_fmt_keys(unexpected)}"] if unexpected else []
-        raise CheckpointError(f"{fmt}-format UNet does not match UNetConfig(model_channels={config.model_channels}, "
-                              f"channel_mult={config.channel_mult}, ...): " + "; ".join(parts))
+        raise CheckpointError(f"{label} does not match the expected network: " + "; ".join(parts))
     wrong = []
-    for key, srcs in plan.items():
-        if len(srcs) == 1:
-            shape = src.shape(srcs[0])
-        else:  # W_out (C, C') @ W_v (C', D)
-            a, b = src.shape(srcs[0]), src.shape(srcs[1])
-            shape = (a[0], b[1]) if len(a) == len(b) == 2 and a[1] == b[0] else ("incompatible", a, b)
+    for key, entry in plan.items():
+        shapes = [src.shape(s) for s in entry.sources]
+        try:
+            shape = tuple(entry.combine(*(torch.empty(s, device="meta") for s in shapes)).shape) if entry.combine \
+                else shapes[0]
+        except RuntimeError:
+            shape = tuple(shapes)
         if shape != expected[key]:
-            wrong.append(f"{srcs[0]}: file {shape}, expected {expected[key]}")
+            wrong.append(f"{entry.sources[0]}: file {shape if entry.combine is None else tuple(shapes)}, "
+                         f"expected {expected[key]}")
     if wrong:
-        raise CheckpointError(f"{len(wrong)} tensors of the {fmt}-format UNet have the wrong shape for UNetConfig("
-                              f"model_channels={config.model_channels}, ...): " + "; ".join(wrong[:8]))
+        raise CheckpointError(f"{len(wrong)} tensors of {label} have the wrong shape: " + "; ".join(wrong[:8])
+                              + (f" ... (+{len(wrong) - 8} more)" if len(wrong) > 8 else ""))
     state = {}
-    for key, srcs in plan.items():
-        if len(srcs) == 1:
-            state[key] = src.get(srcs[0]).to(dtype)
-        else:  # fold in float64, then round once to the target dtype
-            state[key] = (src.get(srcs[0]).double() @ src.get(srcs[1]).double()).to(dtype)
-    return state
+    for key, entry in plan.items():
+        tensors = [src.get(s) for s in entry.sources]
+        state[key] = (entry.combine(*tensors) if entry.combine else tensors[0]).to(device=device, dtype=dtype)
+    model.load_state_dict(state, strict=True, assign=True)
+    left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if left:
+        raise CheckpointError(f"{label}: tensors left unloaded: {_fmt_keys(left)}")
+    return model.eval().requires_grad_(False)
+
+
+def unet_plan(fmt: str, config: UNetConfig, expected) -> dict[str, Entry]:
+    return {k: Entry(srcs, fold_matmul if len(srcs) == 2 else None)
+            for k, srcs in unet_read_plan(fmt, config, expected).items()}
 
 
 def _stored_config(src: TensorSource, fmt: str) -> UNetConfig:
@@ -203,11 +227,10 @@ def load_unet(source, config: UNetConfig | None = None, *, device="cpu", dtype: 
         config = _stored_config(src, fmt)
     with torch.device("meta"):
         model = VideoUNet(config)
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    state = read_unet_state_dict(src, fmt, config, expected, dtype)
-    model.load_state_dict({k: v.to(device) for k, v in state.items()}, strict=True, assign=True)
-    still_meta = [n for n, p in model.named_parameters() if p.is_meta]
-    if still_meta:
-        raise CheckpointError(f"parameters left unloaded: {_fmt_keys(still_meta)}")
-    model.eval().requires_grad_(False)
+    plan = unet_plan(fmt, config, model.state_dict())
+    ignored = set(_source_names(fmt, config, model.state_dict()).values()) if fmt != SVDLITE_FORMAT else set()
+    label = (f"{fmt}-format UNet ({src.files[0].name}) for UNetConfig(model_channels={config.model_channels}, "
+             f"channel_mult={config.channel_mult}, context_dim={config.context_dim})")
+    load_planned(model, src, plan, scope=_unet_file_keys(fmt, src.keys()), ignored=ignored, dtype=dtype,
+                 device=device, label=label)
     return (model, src) if return_source else model

@@ -1,0 +1,72 @@
+"""The generated video: uint8 frames plus fps, written as mp4 (H.264), webm (VP9) or gif through PyAV."""
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+import torch
+
+# suffix -> (codec, pixel format)
+CODECS = {".mp4": ("libx264", "yuv420p"), ".webm": ("libvpx-vp9", "yuv420p"), ".gif": ("gif", "rgb8")}
+
+
+def to_uint8_frames(decoded: torch.Tensor) -> torch.Tensor:
+    """(T, 3, H, W) in [-1, 1] -> (T, H, W, 3) uint8, as sgm: clamp((x + 1) / 2, 0, 1) * 255, rounded."""
+    x = ((decoded.float() + 1.0) / 2.0).clamp(0.0, 1.0)
+    return (x * 255.0).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous().cpu()
+
+
+@dataclass
+class Video:
+    """frames: (T, H, W, 3) uint8 tensor on the CPU; fps: playback rate."""
+
+    frames: torch.Tensor
+    fps: float
+
+    def __post_init__(self):
+        if self.frames.dtype != torch.uint8 or self.frames.ndim != 4 or self.frames.shape[-1] != 3:
+            raise ValueError(f"Video.frames must be (T, H, W, 3) uint8, got {tuple(self.frames.shape)} {self.frames.dtype}")
+        if not self.fps > 0:
+            raise ValueError(f"Video.fps must be positive, got {self.fps}")
+
+    def __len__(self) -> int:
+        return self.frames.shape[0]
+
+    @property
+    def height(self) -> int:
+        return self.frames.shape[1]
+
+    @property
+    def width(self) -> int:
+        return self.frames.shape[2]
+
+    def save(self, path, *, overwrite: bool = False) -> Path:
+        """Write to `path`; the suffix picks the format (.mp4, .webm, .gif). Refuses to overwrite unless asked.
+
+        The file is written beside the target under a temporary name and renamed when complete."""
+        import av  # the only module that needs PyAV
+
+        path = Path(path)
+        if path.suffix.lower() not in CODECS:
+            raise ValueError(f"cannot write {path.name}: unknown video suffix {path.suffix!r}; use one of {sorted(CODECS)}")
+        if path.exists() and not overwrite:
+            raise FileExistsError(f"{path} exists; pass overwrite=True (CLI: --force) to replace it")
+        codec, pix_fmt = CODECS[path.suffix.lower()]
+        if pix_fmt == "yuv420p" and (self.height % 2 or self.width % 2):
+            raise ValueError(f"{codec} needs an even frame size, got {self.width}x{self.height}")
+        tmp = path.with_name(f".{path.name}.partial")
+        try:
+            with av.open(str(tmp), mode="w", format=path.suffix.lower().lstrip(".")) as container:
+                stream = container.add_stream(codec, rate=Fraction(self.fps).limit_denominator(1000))
+                stream.width, stream.height, stream.pix_fmt = self.width, self.height, pix_fmt
+                if codec == "libx264":
+                    stream.options = {"crf": "17"}
+                for frame in self.frames.numpy():
+                    for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")):
+                        container.mux(packet)
+                for packet in stream.encode():
+                    container.mux(packet)
+            tmp.replace(path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return path
