@@ -1,6 +1,7 @@
 """Attention: one SDPA call site, an exact explicit-softmax path beside it for tests, and the self-attention module.
 
-Cross-attention has no module here: SVD's context is a single token, so svdlite folds it (see `unet_blocks.py`).
+Cross-attention is folded in svdlite's network (see `unet_blocks.py`); `CrossAttention` is the original
+computation, built only for the ablation that measures what the fold saves (`fold_cross_attention=False`).
 """
 import torch
 import torch.nn.functional as F
@@ -33,4 +34,18 @@ class SelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q, k, v = (rearrange(f(x), "b n (h d) -> b h n d", h=self.heads) for f in (self.to_q, self.to_k, self.to_v))
+        return self.to_out(rearrange(attention(q, k, v), "b h n d -> b n (h d)"))
+
+
+class CrossAttention(SelfAttention):
+    """sgm `CrossAttention` with a context: queries from x (dim), keys and values from context (context_dim)."""
+
+    def __init__(self, dim: int, context_dim: int, heads: int, dim_head: int):
+        super().__init__(dim, heads, dim_head)
+        self.to_k = nn.Linear(context_dim, heads * dim_head, bias=False)
+        self.to_v = nn.Linear(context_dim, heads * dim_head, bias=False)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        q = rearrange(self.to_q(x), "b n (h d) -> b h n d", h=self.heads)
+        k, v = (rearrange(f(context), "b n (h d) -> b h n d", h=self.heads) for f in (self.to_k, self.to_v))
         return self.to_out(rearrange(attention(q, k, v), "b h n d -> b n (h d)"))

@@ -109,9 +109,12 @@ class UNetConfig:
 
 
 class VideoUNet(nn.Module):
-    def __init__(self, config: UNetConfig = UNetConfig()):
+    """fold_cross_attention=False builds the original cross-attentions (ablation only, see unet_blocks.py)."""
+
+    def __init__(self, config: UNetConfig = UNetConfig(), *, fold_cross_attention: bool = True):
         super().__init__()
         self.config = cfg = config
+        self.fold_cross_attention = fold_cross_attention
         mc, ted = cfg.model_channels, cfg.time_embed_dim
         self.time_embed = nn.Sequential(nn.Linear(mc, ted), nn.SiLU(), nn.Linear(ted, ted))
         # `label_emb.0` is sgm's Sequential around the MLP ("sequential" class conditioning)
@@ -122,7 +125,7 @@ class VideoUNet(nn.Module):
 
         def svt(c):
             return SpatialVideoTransformer(c, c // cfg.num_head_channels, cfg.num_head_channels,
-                                           cfg.transformer_depth, cfg.context_dim)
+                                           cfg.transformer_depth, cfg.context_dim, fold_cross_attention)
 
         self.input_blocks = nn.ModuleList([TimestepEmbedSequential(conv_nd(2, cfg.in_channels, mc, 3))])
         chans, ch, ds = [mc], mc, 1

@@ -7,12 +7,15 @@ frame's own token) or per video (temporal blocks, the first frame's token). svdl
 `context_vector`, and the block forward only adds that vector where the attention output was added. `to_q` and
 `to_k` never influence the output, and are never loaded. `norm2` is kept (it fed only the ignored query) so the
 ablation that recomputes attention the original way has its weights.
+
+`fold=False` builds the original `attn2` instead (ablation only: it measures what the fold saves); the "context
+vector" is then the raw CLIP token and the attention runs at every call, as in sgm.
 """
 import torch
 from einops import rearrange
 from torch import nn
 
-from .attention import SelfAttention
+from .attention import CrossAttention, SelfAttention
 from .layers import FeedForward, GroupNorm32, ResBlock, conv_nd, timestep_embedding
 
 
@@ -52,41 +55,52 @@ class VideoResBlock(ResBlock):
         return rearrange(x, "b c t h w -> (b t) c h w")
 
 
+def _cross_attention(block: nn.Module, dim, heads, dim_head, context_dim, fold: bool) -> None:
+    block.fold = fold
+    if fold:
+        block.attn2_fold = nn.Linear(context_dim, dim)  # W_out W_v and b_out of the original attn2
+    else:
+        block.attn2 = CrossAttention(dim, context_dim, heads, dim_head)
+
+
 class BasicTransformerBlock(nn.Module):
     """Spatial block over the h*w tokens of each frame: self-attention, folded cross-attention, GEGLU FF."""
 
-    def __init__(self, dim: int, heads: int, dim_head: int, context_dim: int):
+    def __init__(self, dim: int, heads: int, dim_head: int, context_dim: int, fold: bool = True):
         super().__init__()
         self.attn1 = SelfAttention(dim, heads, dim_head)
-        self.attn2_fold = nn.Linear(context_dim, dim)  # W_out W_v and b_out of the original attn2
+        _cross_attention(self, dim, heads, dim_head, context_dim, fold)
         self.ff = FeedForward(dim)
         self.norm1, self.norm2, self.norm3 = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
 
     def context_vector(self, token: torch.Tensor) -> torch.Tensor:
         """attn2's output for a single context token: (n, context_dim) -> (n, dim)."""
-        return self.attn2_fold(token)
+        return self.attn2_fold(token) if self.fold else token
 
     def forward(self, x: torch.Tensor, ctx_vec: torch.Tensor) -> torch.Tensor:
         """x: ((b t), h*w, C); ctx_vec: ((b t), C), one per frame."""
         x = self.attn1(self.norm1(x)) + x
-        x = x + ctx_vec[:, None, :].to(x.dtype)
+        if self.fold:
+            x = x + ctx_vec[:, None, :].to(x.dtype)
+        else:
+            x = self.attn2(self.norm2(x), ctx_vec[:, None, :].to(x.dtype)) + x
         return self.ff(self.norm3(x)) + x
 
 
 class VideoTransformerBlock(nn.Module):
     """Temporal block over the T frames at each position: ff_in, self-attention, folded cross-attention, FF."""
 
-    def __init__(self, dim: int, heads: int, dim_head: int, context_dim: int):
+    def __init__(self, dim: int, heads: int, dim_head: int, context_dim: int, fold: bool = True):
         super().__init__()
         self.norm_in = nn.LayerNorm(dim)
         self.ff_in = FeedForward(dim)
         self.attn1 = SelfAttention(dim, heads, dim_head)
-        self.attn2_fold = nn.Linear(context_dim, dim)  # W_out W_v and b_out of the original attn2
+        _cross_attention(self, dim, heads, dim_head, context_dim, fold)
         self.ff = FeedForward(dim)
         self.norm1, self.norm2, self.norm3 = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
 
     def context_vector(self, token: torch.Tensor) -> torch.Tensor:
-        return self.attn2_fold(token)
+        return self.attn2_fold(token) if self.fold else token
 
     def forward(self, x: torch.Tensor, ctx_vec: torch.Tensor, num_frames: int) -> torch.Tensor:
         """x: ((b t), S, C); ctx_vec: (b, C), one per video (from its first frame's token)."""
@@ -94,7 +108,8 @@ class VideoTransformerBlock(nn.Module):
         x = rearrange(x, "(b t) s c -> (b s) t c", t=num_frames)
         x = self.ff_in(self.norm_in(x)) + x
         x = self.attn1(self.norm1(x)) + x
-        x = x + ctx_vec.to(x.dtype).repeat_interleave(s, dim=0)[:, None, :]
+        ctx = ctx_vec.to(x.dtype).repeat_interleave(s, dim=0)[:, None, :]  # frame 0's vector at every position
+        x = x + ctx if self.fold else self.attn2(self.norm2(x), ctx) + x
         x = self.ff(self.norm3(x)) + x
         return rearrange(x, "(b s) t c -> (b t) s c", s=s)
 
@@ -103,14 +118,15 @@ class SpatialVideoTransformer(nn.Module):
     """sgm SpatialVideoTransformer (linear proj_in/out, depth d): spatial blocks, each followed by a temporal
     block on x + frame-position embedding, blended by `time_mixer`."""
 
-    def __init__(self, channels: int, heads: int, dim_head: int, depth: int, context_dim: int):
+    def __init__(self, channels: int, heads: int, dim_head: int, depth: int, context_dim: int, fold: bool = True):
         super().__init__()
         inner = heads * dim_head
         self.norm = nn.GroupNorm(32, channels, eps=1e-6)
         self.proj_in = nn.Linear(channels, inner)
         self.transformer_blocks = nn.ModuleList(
-            BasicTransformerBlock(inner, heads, dim_head, context_dim) for _ in range(depth))
-        self.time_stack = nn.ModuleList(VideoTransformerBlock(inner, heads, dim_head, context_dim) for _ in range(depth))
+            BasicTransformerBlock(inner, heads, dim_head, context_dim, fold) for _ in range(depth))
+        self.time_stack = nn.ModuleList(
+            VideoTransformerBlock(inner, heads, dim_head, context_dim, fold) for _ in range(depth))
         self.time_pos_embed = nn.Sequential(nn.Linear(channels, 4 * channels), nn.SiLU(), nn.Linear(4 * channels, channels))
         self.time_mixer = AlphaBlender()
         self.proj_out = nn.Linear(inner, channels)

@@ -61,3 +61,15 @@ def test_every_block(unet, io, reference):
     assert set(got) == set(blocks)
     for key, ref in blocks.items():
         torch.testing.assert_close(got[key], ref, atol=ATOL, rtol=RTOL, msg=lambda m, key=key: f"{key}: {m}")
+
+
+def test_unfolded_ablation_matches_too(reference, io):
+    """The ablation (original cross-attention at every call) is the same function as the fold."""
+    config = UNetConfig.from_dict(reference.json("unet_tiny_config.json")["params"])
+    unet, src = load_unet(reference.weights("unet_tiny_sgm.safetensors"), config, fold_cross_attention=False,
+                          return_source=True)
+    assert any(".attn2.to_q." in k for k in src.reads)
+    with torch.no_grad():
+        out = unet(io["x"], io["timesteps"], io["varctx.context"],
+                   io["varctx.y"], int(io["num_video_frames"]), io["image_only_indicator"])
+    torch.testing.assert_close(out, io["varctx.out"], atol=ATOL, rtol=RTOL)
