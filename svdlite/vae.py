@@ -1,0 +1,316 @@
+"""SVD's autoencoder: the SD image `Encoder` (conditioning latent) and the temporal `VideoDecoder`.
+
+Reproduces sgm `diffusionmodules/model.py` (`Encoder`, `ResnetBlock`, `AttnBlock`, `Downsample`, `Upsample`) and
+`autoencoding/temporal_ae.py` (`VideoDecoder` with time_mode "conv-only", `VideoResBlock`, `AE3DConv`); module
+names equal the original checkpoint keys without their file prefix (see vae_keymap.py). Activations are
+`(b t) c h w`, frames of one video contiguous. No container module: the pipeline holds the encoder, the
+`quant_conv` and the decoder, and `encode_condition` / `decode_latents` are the two ways SVD uses them.
+"""
+import dataclasses
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+from .attention import attention
+from .layers import ResBlock
+
+
+@dataclass(frozen=True)
+class VAEConfig:
+    """sgm `ddconfig` of SVD's first stage (encoder and decoder share it); defaults are SVD's network.
+
+    `from_dict` accepts sgm's `params` (decoder or encoder): keys that are not fields (`attn_type`, `double_z`,
+    `resolution`, `attn_resolutions`, `dropout`) are dropped; SVD fixes them to vanilla / True / - / [] / 0.
+    """
+
+    ch: int = 128
+    ch_mult: tuple[int, ...] = (1, 2, 4, 4)
+    num_res_blocks: int = 2
+    z_channels: int = 4
+    in_channels: int = 3
+    out_ch: int = 3
+    video_kernel_size: tuple[int, ...] = (3, 1, 1)
+    scale_factor: float = 0.18215
+
+    def __post_init__(self):
+        for name in ("ch_mult", "video_kernel_size"):
+            value = getattr(self, name)
+            if (not isinstance(value, (list, tuple)) or not value
+                    or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)):
+                raise ValueError(f"VAEConfig.{name} must be a non-empty sequence of positive ints, got {value!r}")
+            object.__setattr__(self, name, tuple(value))
+        for name in ("ch", "num_res_blocks", "z_channels", "in_channels", "out_ch"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"VAEConfig.{name} must be a positive int, got {value!r}")
+        if self.ch % 32:
+            raise ValueError(f"VAEConfig.ch={self.ch} must be a multiple of 32: every norm is GroupNorm(32, C) and "
+                             "the encoder's first level has ch channels")
+        if len(self.video_kernel_size) != 3 or any(k % 2 == 0 for k in self.video_kernel_size):
+            raise ValueError(f"VAEConfig.video_kernel_size must be 3 odd ints (t, h, w), got {self.video_kernel_size}")
+        sf = self.scale_factor
+        if isinstance(sf, bool) or not isinstance(sf, (int, float)) or not math.isfinite(sf) or sf <= 0:
+            raise ValueError(f"VAEConfig.scale_factor must be a positive finite number, got {sf!r}")
+
+    @classmethod
+    def from_dict(cls, params: dict) -> "VAEConfig":
+        """From sgm `first_stage_config.params.{decoder,encoder}_config.params` (or any dict); extra keys ignored."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in params.items() if k in names})
+
+    @property
+    def widths(self) -> tuple[int, ...]:
+        """Channels of each resolution level, finest first."""
+        return tuple(self.ch * m for m in self.ch_mult)
+
+    @property
+    def downscale(self) -> int:
+        """Image size / latent size."""
+        return 2 ** (len(self.ch_mult) - 1)
+
+
+def _norm(channels: int) -> nn.GroupNorm:
+    """sgm `Normalize`: GroupNorm(32 groups, eps 1e-6), plain torch (no fp32 upcast, unlike GroupNorm32)."""
+    return nn.GroupNorm(32, channels, eps=1e-6)
+
+
+class ResnetBlock(nn.Module):
+    """sgm `model.ResnetBlock` without timestep embedding (temb_channels=0): GN-SiLU-conv twice plus shortcut."""
+
+    def __init__(self, c_in: int, c_out: int):
+        super().__init__()
+        self.norm1 = _norm(c_in)
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1)
+        self.norm2 = _norm(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1)
+        if c_in != c_out:
+            self.nin_shortcut = nn.Conv2d(c_in, c_out, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(F.silu(self.norm2(h)))  # dropout (p=0) between norm2 and conv2 in the original
+        if hasattr(self, "nin_shortcut"):
+            x = self.nin_shortcut(x)
+        return x + h
+
+
+class VideoResBlock(ResnetBlock):
+    """sgm `temporal_ae.VideoResBlock`: spatial ResnetBlock, then a (3,1,1) ResBlock over frames, learned blend.
+
+    The blend weights the *temporal* branch by sigmoid(mix_factor), the opposite of the UNet's AlphaBlender.
+    `time_stack` and `mix_factor` sit beside norm1/conv1/... because that is the checkpoint's key layout.
+    """
+
+    def __init__(self, c_in: int, c_out: int, video_kernel_size: tuple[int, ...]):
+        super().__init__(c_in, c_out)
+        # GroupNorm32 (eps 1e-5, fp32) inside, no timestep embedding, identity skip
+        self.time_stack = ResBlock(c_out, 0, dims=3, kernel_size=video_kernel_size, skip_t_emb=True)
+        self.mix_factor = nn.Parameter(torch.zeros(1))  # sgm's init (alpha 0.0); the checkpoint overwrites it
+
+    def forward(self, x: torch.Tensor, num_frames: int) -> torch.Tensor:
+        x = rearrange(super().forward(x), "(b t) c h w -> b c t h w", t=num_frames)
+        alpha = torch.sigmoid(self.mix_factor)
+        x = alpha * self.time_stack(x) + (1.0 - alpha) * x
+        return rearrange(x, "b c t h w -> (b t) c h w")
+
+
+class AttnBlock(nn.Module):
+    """sgm `model.AttnBlock`: single-head self-attention over the h*w positions of each frame, 1x1-conv q/k/v/out."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.norm = _norm(channels)
+        self.q = nn.Conv2d(channels, channels, 1)
+        self.k = nn.Conv2d(channels, channels, 1)
+        self.v = nn.Conv2d(channels, channels, 1)
+        self.proj_out = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.norm(x)
+        height, width = h.shape[-2:]
+        # one head of width C, scale C**-0.5
+        q, k, v = (rearrange(f(h), "b c h w -> b 1 (h w) c") for f in (self.q, self.k, self.v))
+        h = rearrange(attention(q, k, v), "b 1 (h w) c -> b c h w", h=height, w=width)
+        return x + self.proj_out(h)
+
+
+class Downsample(nn.Module):
+    """sgm `model.Downsample`: zero-pad right and bottom by 1, then 3x3 conv with stride 2 and no padding."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.pad(x, (0, 1, 0, 1)))  # asymmetric, unlike the UNet's padding=1
+
+
+class Upsample(nn.Module):
+    """sgm `model.Upsample`: nearest-neighbour x2, then 3x3 conv."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class AE3DConv(nn.Conv2d):
+    """sgm `temporal_ae.AE3DConv`: a 2-D conv whose output is replaced by a Conv3d over frames (`time_mix_conv`)."""
+
+    def __init__(self, c_in: int, c_out: int, video_kernel_size: tuple[int, ...]):
+        super().__init__(c_in, c_out, 3, padding=1)
+        padding = tuple(k // 2 for k in video_kernel_size)
+        self.time_mix_conv = nn.Conv3d(c_out, c_out, video_kernel_size, padding=padding)
+
+    def forward(self, x: torch.Tensor, num_frames: int) -> torch.Tensor:
+        x = rearrange(super().forward(x), "(b t) c h w -> b c t h w", t=num_frames)
+        return rearrange(self.time_mix_conv(x), "b c t h w -> (b t) c h w")
+
+
+def _container(**children: nn.Module) -> nn.Module:
+    """A bare nn.Module holding named children: only exists so names match the checkpoint (`mid.block_1`, ...)."""
+    module = nn.Module()
+    for name, child in children.items():
+        module.add_module(name, child)
+    return module
+
+
+class Encoder(nn.Module):
+    """sgm `model.Encoder` (double_z, attention only in the mid block): image (n, 3, H, W) -> (n, 2z, H/f, W/f).
+
+    The output holds the posterior's moments: mean = the first z channels, log-variance = the rest.
+    """
+
+    def __init__(self, config: VAEConfig = VAEConfig()):
+        super().__init__()
+        cfg, widths = config, config.widths
+        self.conv_in = nn.Conv2d(cfg.in_channels, cfg.ch, 3, padding=1)
+        self.down = nn.ModuleList()
+        c = cfg.ch
+        for level, width in enumerate(widths):
+            blocks = nn.ModuleList()
+            for _ in range(cfg.num_res_blocks):
+                blocks.append(ResnetBlock(c, width))
+                c = width
+            # `down.{i}.attn` of the original is an empty ModuleList (attn_resolutions=[]): no keys, omitted
+            level_module = _container(block=blocks)
+            if level != len(widths) - 1:
+                level_module.downsample = Downsample(c)
+            self.down.append(level_module)
+        self.mid = _container(block_1=ResnetBlock(c, c), attn_1=AttnBlock(c), block_2=ResnetBlock(c, c))
+        self.norm_out = _norm(c)
+        self.conv_out = nn.Conv2d(c, 2 * cfg.z_channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv_in(x)
+        for level in self.down:
+            for block in level.block:
+                h = block(h)
+            if hasattr(level, "downsample"):
+                h = level.downsample(h)
+        h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+class VideoDecoder(nn.Module):
+    """sgm `temporal_ae.VideoDecoder` (time_mode "conv-only"): latents ((b t), z, h, w) -> frames ((b t), 3, f*h, f*w).
+
+    `num_frames` is the number of frames per video in the batch (sgm's `timesteps`); the temporal convs
+    zero-pad at the first and last frame of each video.
+    """
+
+    def __init__(self, config: VAEConfig = VAEConfig()):
+        super().__init__()
+        cfg, widths, vks = config, config.widths, config.video_kernel_size
+        c = widths[-1]
+        self.conv_in = nn.Conv2d(cfg.z_channels, c, 3, padding=1)
+        self.mid = _container(block_1=VideoResBlock(c, c, vks), attn_1=AttnBlock(c), block_2=VideoResBlock(c, c, vks))
+        levels = []
+        for level in reversed(range(len(widths))):  # built coarsest first, stored finest first as in sgm (`up.0`)
+            blocks = nn.ModuleList()
+            for _ in range(cfg.num_res_blocks + 1):
+                blocks.append(VideoResBlock(c, widths[level], vks))
+                c = widths[level]
+            level_module = _container(block=blocks)
+            if level != 0:
+                level_module.upsample = Upsample(c)
+            levels.insert(0, level_module)
+        self.up = nn.ModuleList(levels)
+        self.norm_out = _norm(c)
+        self.conv_out = AE3DConv(c, cfg.out_ch, vks)
+
+    def forward(self, z: torch.Tensor, num_frames: int) -> torch.Tensor:
+        if num_frames <= 0 or z.shape[0] % num_frames:
+            raise ValueError(f"z has {z.shape[0]} rows, not a multiple of num_frames={num_frames} "
+                             "(layout is (b t) c h w)")
+        h = self.conv_in(z)
+        h = self.mid.block_1(h, num_frames)
+        h = self.mid.attn_1(h)
+        h = self.mid.block_2(h, num_frames)
+        for level in reversed(self.up):
+            for block in level.block:
+                h = block(h, num_frames)
+            if hasattr(level, "upsample"):
+                h = level.upsample(h)
+        return self.conv_out(F.silu(self.norm_out(h)), num_frames)
+
+
+def make_quant_conv(config: VAEConfig = VAEConfig()) -> nn.Conv2d:
+    """The conditioner's `quant_conv` (1x1, 2z -> 2z) that follows the encoder on the conditioning path."""
+    return nn.Conv2d(2 * config.z_channels, 2 * config.z_channels, 1)
+
+
+def encode_condition(encoder: Encoder, quant_conv: nn.Module, image: torch.Tensor) -> torch.Tensor:
+    """The conditioning latent: mode of the posterior of `quant_conv(encoder(image))`, unscaled.
+
+    Reproduces sgm `AutoencoderKLModeOnly` as used by `VideoPredictionEmbedderWithEncoder` (conditioner
+    embedder 3): encoder -> quant_conv -> DiagonalGaussian mode (= mean = the first z channels), times
+    that engine's scale factor 1.0 (not 0.18215). Same as diffusers `vae.encode(x).latent_dist.mode()`.
+
+    Args:
+        image: (n, in_channels, H, W) in [-1, 1] (SVD adds the cond_aug noise before this call).
+    Returns:
+        (n, z_channels, H/f, W/f).
+    """
+    moments = quant_conv(encoder(image))
+    return moments[:, : moments.shape[1] // 2]
+
+
+def decode_latents(decoder: VideoDecoder, latents: torch.Tensor, num_frames: int, chunk_size: int,
+                   scale_factor: float) -> torch.Tensor:
+    """Latents -> frames in chunks of at most `chunk_size` consecutive frames of one video (sgm `decode_first_stage`).
+
+    The latents are multiplied by 1/scale_factor (as sgm and diffusers write it), then each video's frames
+    are cut into consecutive chunks [0, c), [c, 2c), ...; each chunk is decoded alone as a video of its own
+    length (`num_frames` = chunk length), so the temporal convs zero-pad at chunk edges exactly as in the
+    reference (T=25 with chunk 14 decodes 14 + 11 frames).
+
+    sgm (`DiffusionEngine.decode_first_stage`, `en_and_decode_n_samples_a_time`) and diffusers
+    (`StableVideoDiffusionPipeline.decode_latents`, `decode_chunk_size`) instead cut the flat `(b t)` batch
+    and pass the chunk length as the frame count. That is the same thing whenever a chunk never straddles
+    two videos: one video (what SVD's scripts decode), or `chunk_size` dividing `num_frames`. Otherwise
+    their straddling chunk mixes the last frames of one video with the first of the next (and a chunk larger
+    than one video is decoded as one long video); here a chunk never leaves its video.
+
+    Args:
+        latents: ((b t), z_channels, h, w), sampling latents (still multiplied by scale_factor).
+        num_frames: t, frames per video.
+        chunk_size: frames decoded per decoder call (sgm `decoding_t`, 14 in its script).
+        scale_factor: the latent scale, 0.18215 for SVD.
+    Returns:
+        ((b t), out_ch, f*h, f*w), roughly in [-1, 1] (not clamped).
+    """
+    if num_frames <= 0 or latents.shape[0] % num_frames:
+        raise ValueError(f"latents have {latents.shape[0]} rows, not a multiple of num_frames={num_frames}")
+    if chunk_size <= 0:
+        raise ValueError(f"chunk_size must be a positive number of frames, got {chunk_size}")
+    z = rearrange(latents * (1.0 / scale_factor), "(b t) c h w -> b t c h w", t=num_frames)
+    frames = [decoder(video[start:start + chunk_size], video[start:start + chunk_size].shape[0])
+              for video in z for start in range(0, num_frames, chunk_size)]
+    return torch.cat(frames)  # video-major, chunks in order: back to (b t)
