@@ -314,3 +314,16 @@ def decode_latents(decoder: VideoDecoder, latents: torch.Tensor, num_frames: int
     frames = [decoder(video[start:start + chunk_size], video[start:start + chunk_size].shape[0])
               for video in z for start in range(0, num_frames, chunk_size)]
     return torch.cat(frames)  # video-major, chunks in order: back to (b t)
+
+
+class ConditionEncoder(nn.Module):
+    """The conditioning-latent encoder as one module, `encoder` + `quant_conv`: the layout of sgm's
+    `conditioner.embedders.3.encoder` (AutoencoderKLModeOnly) and of diffusers' `vae/` encoder half."""
+
+    def __init__(self, config: VAEConfig = VAEConfig()):
+        super().__init__()
+        self.encoder = Encoder(config)
+        self.quant_conv = make_quant_conv(config)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return encode_condition(self.encoder, self.quant_conv, image)

@@ -18,10 +18,11 @@ def to_uint8_frames(decoded: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class Video:
-    """frames: (T, H, W, 3) uint8 tensor on the CPU; fps: playback rate."""
+    """frames: (T, H, W, 3) uint8 tensor on the CPU; fps: playback rate; latents: the final denoised latents."""
 
     frames: torch.Tensor
     fps: float
+    latents: torch.Tensor | None = None
 
     def __post_init__(self):
         if self.frames.dtype != torch.uint8 or self.frames.ndim != 4 or self.frames.shape[-1] != 3:

@@ -1,0 +1,253 @@
+"""The whole model: finding its four components in a checkpoint, loading them strictly, describing a file.
+
+Components and their svdlite names: `unet` (VideoUNet), `vae_encoder` (encoder + quant_conv, the conditioning
+path), `vae_decoder` (temporal VideoDecoder), `image_encoder` (OpenCLIP ViT-H/14 visual tower). Each is read
+from an original single file, a diffusers pipeline folder or an svdlite file through a read plan (loading.py).
+"""
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import clip_keymap, vae_keymap
+from .clip import CLIPVisionConfig, build_image_encoder
+from .loading import (SVDLITE_FORMAT, CheckpointError, Entry, TensorSource, _diffusers_unet_files, _source_names,
+                      _unet_file_keys, detect_unet_format, load_planned, unet_plan)
+from .presets import PRESETS
+from .unet import UNetConfig, VideoUNet
+from .unet_keymap import unet_config_from_diffusers
+from .vae import ConditionEncoder, VAEConfig, VideoDecoder
+
+COMPONENTS = ("unet", "vae_encoder", "vae_decoder", "image_encoder")
+SVDLITE_PREFIXES = {c: c + "." for c in COMPONENTS}  # svdlite file: `<component>.<module key>`
+DIFFUSERS_FILES = {"vae": ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors"),
+                   "image_encoder": ("model.safetensors", "model.fp16.safetensors")}
+
+
+@dataclass
+class SVDModel:
+    """Loaded components plus the preset whose sampling defaults apply."""
+
+    unet: VideoUNet
+    vae_encoder: ConditionEncoder
+    vae_decoder: VideoDecoder
+    image_encoder: nn.Module
+    vae_config: VAEConfig
+    clip_config: CLIPVisionConfig
+    preset: str
+    source: str
+
+    @property
+    def sampling(self):
+        return PRESETS[self.preset].sampling
+
+
+@dataclass
+class ModelSource:
+    """Where each component's tensors are, in which format, and the configs the checkpoint declares."""
+
+    fmt: str
+    files: dict[str, TensorSource]  # component -> source (several components may share one file)
+    unet_config: UNetConfig
+    vae_config: VAEConfig
+    clip_config: CLIPVisionConfig
+    preset: str
+    path: Path
+
+
+def _first_file(folder: Path, names) -> list[Path] | None:
+    for name in names:
+        if (folder / name).is_file():
+            return [folder / name]
+    return None
+
+
+def _preset_from_name(path: Path, default: str = "svd-xt") -> str:
+    name = path.name.lower().replace("-", "_")
+    for key, preset in (("xt_1_1", "svd-xt-1.1"), ("svd_xt", "svd-xt"), ("img2vid_xt", "svd-xt"), ("svd", "svd"),
+                        ("img2vid", "svd")):
+        if key in name:
+            return preset
+    return default
+
+
+def open_model_source(path, preset: str | None = None) -> ModelSource:
+    path = Path(path)
+    if path.is_dir():
+        unet_files = _diffusers_unet_files(path)
+        parts = {"unet": unet_files, "vae": _first_file(path / "vae", DIFFUSERS_FILES["vae"]),
+                 "image_encoder": _first_file(path / "image_encoder", DIFFUSERS_FILES["image_encoder"])}
+        absent = [f"{k}/" for k, v in parts.items() if v is None]
+        if absent:
+            raise CheckpointError(f"{path} is not a complete diffusers SVD folder: no weights in {', '.join(absent)}")
+        vae, clip = TensorSource(parts["vae"]), TensorSource(parts["image_encoder"])
+        files = {"unet": TensorSource(parts["unet"]), "vae_encoder": vae, "vae_decoder": vae, "image_encoder": clip}
+        detect_unet_format(files["unet"], path)
+        unet_json = parts["unet"][0].parent / "config.json"
+        unet_params = json.loads(unet_json.read_text()) if unet_json.is_file() else {}
+        vae_json, clip_json = path / "vae" / "config.json", path / "image_encoder" / "config.json"
+        vae_config = vae_config_from_diffusers(json.loads(vae_json.read_text())) if vae_json.is_file() else VAEConfig()
+        clip_config = (CLIPVisionConfig.from_transformers(json.loads(clip_json.read_text())) if clip_json.is_file()
+                       else CLIPVisionConfig())
+        guess = "svd" if unet_params.get("num_frames") == 14 else _preset_from_name(path)
+        return ModelSource("diffusers", files, unet_config_from_diffusers(unet_params) if unet_params else UNetConfig(),
+                           vae_config, clip_config, preset or guess, path)
+    src = TensorSource([path]) if path.is_file() else None
+    if src is None:
+        raise CheckpointError(f"{path}: no such file or folder")
+    fmt = detect_unet_format(src, path)
+    files = {c: src for c in COMPONENTS}
+    if fmt == SVDLITE_FORMAT:
+        meta = src.metadata
+        present = meta.get("components", "").split(",")
+        missing = [c for c in COMPONENTS if c not in present]
+        if missing:
+            raise CheckpointError(f"{path} is an svdlite file without {', '.join(missing)} (it holds {present}); "
+                                  "generation needs all four components")
+        return ModelSource(fmt, files, UNetConfig.from_dict(json.loads(meta["unet_config"])),
+                           VAEConfig.from_dict(json.loads(meta["vae_config"])),
+                           CLIPVisionConfig(**json.loads(meta["clip_config"])), preset or meta.get("preset", "svd-xt"),
+                           path)
+    keys = src.keys()
+    for what, prefix in (("VAE decoder", vae_keymap.DECODER_PREFIX), ("VAE encoder", vae_keymap.ENCODER_PREFIX),
+                         ("CLIP image encoder", clip_keymap.ORIGINAL_PREFIX)):
+        if not any(k.startswith(prefix) for k in keys):
+            raise CheckpointError(f"{path}: this original-format file has no {what} ({prefix}*)")
+    return ModelSource(fmt, files, UNetConfig(), VAEConfig(), CLIPVisionConfig(), preset or _preset_from_name(path),
+                       path)
+
+
+def vae_config_from_diffusers(params: dict) -> VAEConfig:
+    """VAEConfig from a diffusers `vae/config.json` (AutoencoderKLTemporalDecoder)."""
+    widths = list(params.get("block_out_channels", (128, 256, 512, 512)))
+    if any(w % widths[0] for w in widths):
+        raise ValueError(f"VAE block_out_channels {widths} are not multiples of the first")
+    return VAEConfig(ch=widths[0], ch_mult=tuple(w // widths[0] for w in widths),
+                     num_res_blocks=params.get("layers_per_block", 2), z_channels=params.get("latent_channels", 4),
+                     in_channels=params.get("in_channels", 3), out_ch=params.get("out_channels", 3),
+                     scale_factor=params.get("scaling_factor", 0.18215))
+
+
+def _with_prefix(keys, prefix: str) -> set[str]:
+    return {k for k in keys if k.startswith(prefix)}
+
+
+def component_plan(ms: ModelSource, component: str, model: nn.Module) -> tuple[dict, set, set]:
+    """(read plan, the file keys that belong to this component, keys deliberately not read)."""
+    keys, fmt = ms.files[component].keys(), ms.fmt
+    ours = model.state_dict()
+    if fmt == SVDLITE_FORMAT:
+        prefix = SVDLITE_PREFIXES[component]
+        return {k: Entry((prefix + k,)) for k in ours}, _with_prefix(keys, prefix), set()
+    if component == "unet":
+        plan = unet_plan(fmt, ms.unet_config, ours)
+        return plan, _unet_file_keys(fmt, keys), set(_source_names(fmt, ms.unet_config, ours).values())
+    if component == "vae_encoder":
+        table = vae_keymap.encoder_key_map(ms.vae_config)
+        if fmt == "original":
+            names = {k: (vae_keymap.ENCODER_PREFIX + k[len("encoder."):] if k.startswith("encoder.")
+                         else vae_keymap.QUANT_CONV_PREFIX + k[len("quant_conv."):]) for k in ours}
+            scope = _with_prefix(keys, vae_keymap.ENCODER_PREFIX) | _with_prefix(keys, vae_keymap.QUANT_CONV_PREFIX)
+            return {k: Entry((v,)) for k, v in names.items()}, scope, set()
+        plan = {k: Entry(("encoder." + table[k[len("encoder."):]] if k.startswith("encoder.") else k,),
+                         _reshape(k[len("encoder."):])) for k in ours}
+        return plan, _with_prefix(keys, "encoder.") | _with_prefix(keys, "quant_conv."), set()
+    if component == "vae_decoder":
+        if fmt == "original":
+            return ({k: Entry((vae_keymap.DECODER_PREFIX + k,)) for k in ours},
+                    _with_prefix(keys, vae_keymap.DECODER_PREFIX), set())
+        table = vae_keymap.decoder_key_map(ms.vae_config)
+        return {k: Entry(("decoder." + table[k],), _reshape(k)) for k in ours}, _with_prefix(keys, "decoder."), set()
+    if component == "image_encoder":
+        if fmt == "original":
+            return ({k: Entry((clip_keymap.ORIGINAL_PREFIX + k,)) for k in ours},
+                    _with_prefix(keys, clip_keymap.ORIGINAL_PREFIX), set())
+        plan = {ours_key: Entry(theirs, None if kind == "copy" else _clip_transform(kind))
+                for ours_key, theirs, kind in clip_keymap.key_table(ms.clip_config)}
+        return plan, set(keys), set(clip_keymap.IGNORED_TRANSFORMERS_KEYS)
+    raise ValueError(f"unknown component {component!r}; expected one of {COMPONENTS}")
+
+
+def _reshape(key: str):
+    """diffusers' mid-attention Linear (C, C) -> the original 1x1 conv (C, C, 1, 1); None elsewhere."""
+    if vae_keymap.to_original_shape(key, torch.empty(1, 1, device="meta")).ndim == 4:
+        return lambda t: vae_keymap.to_original_shape(key, t)
+    return None
+
+
+def _clip_transform(kind: str):
+    forward = clip_keymap._TRANSFORMS[kind][0]
+    return lambda *tensors: forward(list(tensors))
+
+
+def build_component(component: str, ms: ModelSource, fold_cross_attention: bool = True) -> nn.Module:
+    """The empty (meta device) module of a component, for the checkpoint's configs."""
+    with torch.device("meta"):
+        if component == "unet":
+            return VideoUNet(ms.unet_config, fold_cross_attention=fold_cross_attention)
+        if component == "vae_encoder":
+            return ConditionEncoder(ms.vae_config)
+        if component == "vae_decoder":
+            return VideoDecoder(ms.vae_config)
+        return build_image_encoder(ms.clip_config)
+
+
+def load_component(ms: ModelSource, component: str, *, device="cpu", dtype=torch.float32) -> nn.Module:
+    model = build_component(component, ms)
+    plan, scope, ignored = component_plan(ms, component, model)
+    label = f"{ms.fmt}-format {component} ({ms.path})"
+    return load_planned(model, ms.files[component], plan, scope=scope, ignored=ignored, dtype=dtype, device=device,
+                        label=label)
+
+
+def resolve_model_path(model, token: str | None = None) -> tuple[Path, str | None]:
+    """A model argument (preset name or path) -> (local path, preset name if one was named)."""
+    if isinstance(model, str) and model in PRESETS:
+        if model == "tiny":
+            return Path(__file__).parent / "assets" / "tiny.safetensors", "tiny"
+        from .hub import download_preset
+        return download_preset(model, token=token), model
+    path = Path(model)
+    if not path.exists():
+        raise CheckpointError(f"model {model!r} is neither a preset ({', '.join(PRESETS)}) nor an existing path")
+    return path, None
+
+
+def load_model(model="svd-xt", *, device="cpu", dtype: torch.dtype = torch.float32, token: str | None = None) -> SVDModel:
+    """Load all four components from a preset name, an original file, a diffusers folder or an svdlite file.
+
+    The VAE runs in float32 whatever `dtype` is (as sgm disables autocast for encoding and decoding)."""
+    path, preset = resolve_model_path(model, token)
+    ms = open_model_source(path, preset)
+    return SVDModel(
+        unet=load_component(ms, "unet", device=device, dtype=dtype),
+        vae_encoder=load_component(ms, "vae_encoder", device=device, dtype=torch.float32),
+        vae_decoder=load_component(ms, "vae_decoder", device=device, dtype=torch.float32),
+        image_encoder=load_component(ms, "image_encoder", device=device, dtype=dtype),
+        vae_config=ms.vae_config, clip_config=ms.clip_config, preset=ms.preset, source=str(path))
+
+
+def describe(model) -> list[str]:
+    """Lines for `svdlite info`: format, preset, each component's tensors and parameters (nothing is loaded)."""
+    path, preset = resolve_model_path(model)
+    ms = open_model_source(path, preset)
+    lines = [f"checkpoint: {path}", f"format: {ms.fmt}", f"preset: {ms.preset} (sampling defaults: "
+             f"{PRESETS[ms.preset].sampling})"]
+    meta = ms.files["unet"].metadata
+    for key in ("format_version", "svdlite_version", "source_sha256", "source"):
+        if key in meta:
+            lines.append(f"{key}: {meta[key]}")
+    total_file, total_loaded = 0, 0
+    for component in COMPONENTS:
+        model_ = build_component(component, ms)
+        plan, scope, _ = component_plan(ms, component, model_)
+        src = ms.files[component]
+        in_file = sum(torch.Size(src.shape(k)).numel() for k in scope)
+        loaded = sum(p.numel() for p in model_.state_dict().values())
+        total_file, total_loaded = total_file + in_file, total_loaded + loaded
+        lines.append(f"{component}: {len(scope)} tensors, {in_file:,} parameters in the file; svdlite loads "
+                     f"{loaded:,} from {len({s for e in plan.values() for s in e.sources})} tensors")
+    lines.append(f"total: {total_file:,} parameters in the components' tensors; {total_loaded:,} loaded")
+    return lines
