@@ -73,17 +73,22 @@ def _preset_from_name(path: Path, default: str = "svd-xt") -> str:
     return default
 
 
-def open_model_source(path, preset: str | None = None) -> ModelSource:
+def open_model_source(path, preset: str | None = None, *, require_all: bool = True) -> ModelSource:
+    """Find the components in a file or folder. require_all=False (the converter) accepts a source without
+    some of them; the missing ones are then absent from `files`."""
     path = Path(path)
     if path.is_dir():
         unet_files = _diffusers_unet_files(path)
         parts = {"unet": unet_files, "vae": _first_file(path / "vae", DIFFUSERS_FILES["vae"]),
                  "image_encoder": _first_file(path / "image_encoder", DIFFUSERS_FILES["image_encoder"])}
         absent = [f"{k}/" for k, v in parts.items() if v is None]
-        if absent:
+        if parts["unet"] is None or (absent and require_all):
             raise CheckpointError(f"{path} is not a complete diffusers SVD folder: no weights in {', '.join(absent)}")
-        vae, clip = TensorSource(parts["vae"]), TensorSource(parts["image_encoder"])
-        files = {"unet": TensorSource(parts["unet"]), "vae_encoder": vae, "vae_decoder": vae, "image_encoder": clip}
+        files = {"unet": TensorSource(parts["unet"])}
+        if parts["vae"]:
+            files["vae_encoder"] = files["vae_decoder"] = TensorSource(parts["vae"])
+        if parts["image_encoder"]:
+            files["image_encoder"] = TensorSource(parts["image_encoder"])
         detect_unet_format(files["unet"], path)
         unet_json = parts["unet"][0].parent / "config.json"
         unet_params = json.loads(unet_json.read_text()) if unet_json.is_file() else {}
@@ -103,7 +108,7 @@ def open_model_source(path, preset: str | None = None) -> ModelSource:
         meta = src.metadata
         present = meta.get("components", "").split(",")
         missing = [c for c in COMPONENTS if c not in present]
-        if missing:
+        if missing and require_all:
             raise CheckpointError(f"{path} is an svdlite file without {', '.join(missing)} (it holds {present}); "
                                   "generation needs all four components")
         return ModelSource(fmt, files, UNetConfig.from_dict(json.loads(meta["unet_config"])),
@@ -111,7 +116,7 @@ def open_model_source(path, preset: str | None = None) -> ModelSource:
                            CLIPVisionConfig(**json.loads(meta["clip_config"])), preset or meta.get("preset", "svd-xt"),
                            path)
     keys = src.keys()
-    for what, prefix in (("VAE decoder", vae_keymap.DECODER_PREFIX), ("VAE encoder", vae_keymap.ENCODER_PREFIX),
+    for what, prefix in () if not require_all else (("VAE decoder", vae_keymap.DECODER_PREFIX), ("VAE encoder", vae_keymap.ENCODER_PREFIX),
                          ("CLIP image encoder", clip_keymap.ORIGINAL_PREFIX)):
         if not any(k.startswith(prefix) for k in keys):
             raise CheckpointError(f"{path}: this original-format file has no {what} ({prefix}*)")

@@ -48,5 +48,5 @@ PRESETS = {
                                         max_guidance_scale=3.0, decode_chunk_size=7), gated=True),
     # bundled random weights with SVD's structure at tiny width (tools/make_tiny_model.py): produces noise, not video
     "tiny": Preset("tiny", "", "", SamplingConfig(num_frames=6, num_inference_steps=4, min_guidance_scale=1.0,
-                                                  max_guidance_scale=2.5, decode_chunk_size=6, height=64, width=96)),
+                                                  max_guidance_scale=2.5, decode_chunk_size=6, height=128, width=192)),
 }

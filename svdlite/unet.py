@@ -109,9 +109,10 @@ class UNetConfig:
 
 
 class VideoUNet(nn.Module):
-    """fold_cross_attention=False builds the original cross-attentions (ablation only, see unet_blocks.py)."""
+    """fold_cross_attention=False builds the original cross-attentions (ablation only, see unet_blocks.py);
+    "temporal" folds only the temporal blocks' cross-attention (the VCUT paper's variant), spatial ones original."""
 
-    def __init__(self, config: UNetConfig = UNetConfig(), *, fold_cross_attention: bool = True):
+    def __init__(self, config: UNetConfig = UNetConfig(), *, fold_cross_attention: bool | str = True):
         super().__init__()
         self.config = cfg = config
         self.fold_cross_attention = fold_cross_attention

@@ -9,7 +9,9 @@ frame's own token) or per video (temporal blocks, the first frame's token). svdl
 ablation that recomputes attention the original way has its weights.
 
 `fold=False` builds the original `attn2` instead (ablation only: it measures what the fold saves); the "context
-vector" is then the raw CLIP token and the attention runs at every call, as in sgm.
+vector" is then the raw CLIP token and the attention runs at every call, as in sgm. `SpatialVideoTransformer` also
+takes `fold="temporal"`: only the temporal blocks are folded, the spatial ones keep the original `attn2` (the VCUT
+paper's own variant).
 """
 import torch
 from einops import rearrange
@@ -118,15 +120,20 @@ class SpatialVideoTransformer(nn.Module):
     """sgm SpatialVideoTransformer (linear proj_in/out, depth d): spatial blocks, each followed by a temporal
     block on x + frame-position embedding, blended by `time_mixer`."""
 
-    def __init__(self, channels: int, heads: int, dim_head: int, depth: int, context_dim: int, fold: bool = True):
+    def __init__(self, channels: int, heads: int, dim_head: int, depth: int, context_dim: int,
+                 fold: bool | str = True):
+        """fold: True folds every cross-attention, False none, "temporal" only the temporal blocks' (`time_stack`)."""
         super().__init__()
+        if not (isinstance(fold, bool) or fold == "temporal"):
+            raise ValueError(f"fold must be True, False or 'temporal', got {fold!r}")
+        spatial_fold, temporal_fold = fold is True, fold is not False
         inner = heads * dim_head
         self.norm = nn.GroupNorm(32, channels, eps=1e-6)
         self.proj_in = nn.Linear(channels, inner)
         self.transformer_blocks = nn.ModuleList(
-            BasicTransformerBlock(inner, heads, dim_head, context_dim, fold) for _ in range(depth))
+            BasicTransformerBlock(inner, heads, dim_head, context_dim, spatial_fold) for _ in range(depth))
         self.time_stack = nn.ModuleList(
-            VideoTransformerBlock(inner, heads, dim_head, context_dim, fold) for _ in range(depth))
+            VideoTransformerBlock(inner, heads, dim_head, context_dim, temporal_fold) for _ in range(depth))
         self.time_pos_embed = nn.Sequential(nn.Linear(channels, 4 * channels), nn.SiLU(), nn.Linear(4 * channels, channels))
         self.time_mixer = AlphaBlender()
         self.proj_out = nn.Linear(inner, channels)

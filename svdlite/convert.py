@@ -1,0 +1,142 @@
+"""Writing svdlite's own checkpoint format (tools/convert_weights.py is the command around it).
+
+An svdlite file is one safetensors file: keys `<component>.<module key>` for the components present (`unet`,
+`vae_encoder`, `vae_decoder`, `image_encoder`), the cross-attention stored only as the folded `attn2_fold`
+projections, and metadata: format, format_version, components, preset, the configs, source sha256, svdlite
+version. Writing goes to a temporary file beside the target, which is reloaded and checked tensor by tensor
+before it is renamed into place; on any failure nothing is left behind and an existing file is untouched.
+"""
+import dataclasses
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from . import __version__, clip_keymap, vae_keymap
+from .components import COMPONENTS, SVDLITE_PREFIXES, ModelSource, build_component, component_plan
+from .loading import SVDLITE_FORMAT, CheckpointError, TensorSource, load_planned
+from .presets import PRESETS
+from .unet_keymap import NEVER_READ_SUFFIXES, ORIGINAL_PREFIX
+
+FORMAT_VERSION = "1"
+
+# What an original single file holds that svdlite never uses, with the reason (README "Converted checkpoints")
+DROPPED = (
+    (NEVER_READ_SUFFIXES, "cross-attention to_q/to_k (no effect: softmax over one CLIP token is 1)"),
+    (("attn2.to_v.weight", "attn2.to_out.0.weight", "attn2.to_out.0.bias"), "cross-attention to_v/to_out, stored folded"),
+    (("first_stage_model.encoder.",), "first_stage_model encoder (SVD encodes with the conditioner's copy)"),
+    (("conditioner.embedders.3.encoder.decoder.", "conditioner.embedders.3.encoder.post_quant_conv."),
+     "the conditioner's 2-D image decoder (never run)"),
+    (("conditioner.embedders.0.open_clip.model.",), "OpenCLIP text-side leftovers"),
+)
+
+
+def dropped_reason(key: str) -> str:
+    for patterns, reason in DROPPED:
+        if any(key.endswith(p) if p.startswith("attn2.") else key.startswith(p) for p in patterns):
+            return reason
+    return "not part of any component"
+
+
+def sha256_of(paths) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(Path(p) for p in paths):
+        with open(path, "rb") as f:
+            while block := f.read(1 << 24):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def config_metadata(ms: ModelSource, components) -> dict[str, str]:
+    return {"unet_config": json.dumps(ms.unet_config.to_dict()),
+            "vae_config": json.dumps(dataclasses.asdict(ms.vae_config)),
+            "clip_config": json.dumps(dataclasses.asdict(ms.clip_config)),
+            "components": ",".join(components)}
+
+
+def present_components(ms: ModelSource) -> list[str]:
+    """The components the source holds (an original file may lack the image encoder, say)."""
+    found = []
+    for component in COMPONENTS:
+        keys = ms.files[component].keys() if component in ms.files else set()
+        if ms.fmt == "original":
+            prefix = {"unet": ORIGINAL_PREFIX, "vae_encoder": vae_keymap.ENCODER_PREFIX,
+                      "vae_decoder": vae_keymap.DECODER_PREFIX, "image_encoder": clip_keymap.ORIGINAL_PREFIX}[component]
+        elif ms.fmt == SVDLITE_FORMAT:
+            prefix = SVDLITE_PREFIXES[component]
+        else:
+            prefix = ""
+        if any(k.startswith(prefix) for k in keys):
+            found.append(component)
+    return found
+
+
+def write_svdlite(out: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str], *, force: bool = False) -> None:
+    """Atomically write an svdlite file: temp file in the target folder, reload and compare, then rename."""
+    out = Path(out)
+    if out.exists() and not force:
+        raise FileExistsError(f"{out} exists; pass --force (force=True) to overwrite it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent)
+    os.close(fd)
+    tmp = Path(tmp)
+    try:
+        save_file(tensors, str(tmp), metadata={"format": SVDLITE_FORMAT, "format_version": FORMAT_VERSION, **metadata})
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # temporary files are created 0600; give the result the usual permissions
+        check = TensorSource([tmp])
+        if check.keys() != set(tensors):
+            raise CheckpointError(f"reloading {tmp} gave different keys: {sorted(check.keys() ^ set(tensors))[:5]}")
+        for key, value in tensors.items():
+            if not torch.equal(check.get(key), value):
+                raise CheckpointError(f"reloading {tmp}: tensor {key} differs from what was written")
+        tmp.replace(out)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def convert(ms: ModelSource, out: Path, *, dtype: torch.dtype = torch.float16, force: bool = False,
+            log=print) -> dict:
+    """Convert the components `ms` holds into an svdlite file at `out`; returns a summary dict."""
+    components = present_components(ms)
+    if "unet" not in components:
+        raise CheckpointError(f"{ms.path} holds no SVD UNet; nothing to convert")
+    absent = [c for c in COMPONENTS if c not in components]
+    for c in absent:
+        log(f"warning: {ms.path} has no {c}; the converted file will not have it either (generation needs all four)")
+    tensors, read, counts = {}, set(), {}
+    for component in components:
+        model = build_component(component, ms)
+        plan, scope, ignored = component_plan(ms, component, model)
+        src = ms.files[component]
+        before = len(src.reads)
+        load_planned(model, src, plan, scope=scope, ignored=ignored, dtype=dtype, device="cpu",
+                     label=f"{ms.fmt}-format {component} ({ms.path})")
+        read |= {(id(src), k) for k in src.reads[before:]}
+        state = model.state_dict()
+        counts[component] = sum(v.numel() for v in state.values())
+        tensors.update({SVDLITE_PREFIXES[component] + k: v.contiguous() for k, v in state.items()})
+        log(f"{component}: {len(state)} tensors, {counts[component]:,} parameters")
+    dropped: dict[str, int] = {}
+    for src in {id(s): s for s in ms.files.values()}.values():
+        for key in src.keys() - {k for i, k in read if i == id(src)}:
+            reason = dropped_reason(key) if ms.fmt == "original" else (
+                "cross-attention to_q/to_k (no effect: softmax over one CLIP token is 1)"
+                if key.endswith(("to_q.weight", "to_k.weight")) and "attn2" in key else "not used by svdlite")
+            dropped[reason] = dropped.get(reason, 0) + 1
+    for reason, n in sorted(dropped.items()):
+        log(f"dropped {n} tensors: {reason}")
+    source_files = sorted({str(f) for s in ms.files.values() for f in s.files})
+    metadata = {**config_metadata(ms, components), "preset": ms.preset, "source": ms.path.name,
+                "source_sha256": sha256_of(source_files), "svdlite_version": __version__,
+                "dtype": str(dtype).removeprefix("torch.")}
+    if ms.preset not in PRESETS:
+        raise ValueError(f"unknown preset {ms.preset!r}")
+    write_svdlite(out, tensors, metadata, force=force)
+    log(f"wrote {out} ({sum(counts.values()):,} parameters, {', '.join(components)})")
+    return {"components": components, "params": counts, "dropped": dropped, "metadata": metadata}
