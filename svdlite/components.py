@@ -216,7 +216,7 @@ def resolve_model_path(model, token: str | None = None) -> tuple[Path, str | Non
         return download_preset(model, token=token), model
     path = Path(model)
     if not path.exists():
-        raise CheckpointError(f"model {model!r} is neither a preset ({', '.join(PRESETS)}) nor an existing path")
+        raise CheckpointError(f"model {model!r}: no such file or folder, and not a preset ({', '.join(PRESETS)})")
     return path, None
 
 

@@ -30,6 +30,9 @@ class Reference:
     def tensors(self, name: str) -> dict[str, torch.Tensor]:
         return load_file(str(self.folder / name))
 
+    def tensors_at(self, path: Path) -> dict[str, torch.Tensor]:
+        return load_file(str(path))
+
     def weights(self, name: str) -> Path:
         path = self.weights_dir / name
         assert path.is_file(), f"materialize.py did not write {path}"

@@ -1,0 +1,107 @@
+"""tools/count_macs.py: parameter and MAC counts of the full-size networks (meta device) against PAPERS.md section 1."""
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from svdlite.attention import CrossAttention, SelfAttention
+
+TOOL = Path(__file__).resolve().parents[1] / "tools" / "count_macs.py"
+
+
+def _load_tool():
+    spec = importlib.util.spec_from_file_location("count_macs", TOOL)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+cm = _load_tool()
+ORIGINAL_PARAMS = 1_524_623_082
+VCUT_PARAMS = 1_449_502_442
+TEMPORAL_ATTN2, TEMPORAL_FOLD = 50_352_320, 12_792_000
+
+
+@pytest.fixture(scope="module", autouse=True)
+def cli_run():
+    """The CLI on a small setting, started first so it runs beside the in-process count (the count is op-bound)."""
+    process = subprocess.Popen([sys.executable, str(TOOL), "--frames", "2", "--steps", "3", "--height", "128",
+                                "--width", "128", "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    yield process
+    if process.poll() is None:
+        process.kill()
+        process.wait()
+
+
+@pytest.fixture(scope="module")
+def svd_xt():
+    rows = cm.count("svd-xt", frames=25, steps=25, height=576, width=1024)
+    return {r["mode"]: r for r in rows}
+
+
+def test_original_and_vcut(svd_xt):
+    original, vcut, temporal = svd_xt["original"], svd_xt["vcut"], svd_xt["vcut-temporal"]
+    assert original["params"] == ORIGINAL_PARAMS
+    assert abs(original["macs_per_eval_frames"] - 39.97e12) <= 0.01e12  # one UNet call on 25 frames
+    assert abs(original["macs_per_video"] - 2.0e15) <= 0.02 * 2.0e15  # 25 steps x 2 halves
+    assert vcut["params"] == VCUT_PARAMS
+    assert vcut["saving_vs_original"] >= 74e12
+    assert temporal["params"] == ORIGINAL_PARAMS - TEMPORAL_ATTN2 + TEMPORAL_FOLD
+    assert cm.temporal_attn2_params() == TEMPORAL_ATTN2
+    assert 0 < temporal["saving_vs_original"] < vcut["saving_vs_original"]
+    for row in (original, temporal, vcut):
+        assert row["macs_per_eval"] == 2 * row["macs_per_eval_frames"]  # the CFG batch doubles every product
+        assert row["macs_per_video"] == 25 * row["macs_per_eval"] + row["macs_setup_per_video"]
+    assert original["macs_setup_per_video"] == 0 < vcut["macs_setup_per_video"] < 1e10
+
+
+def test_guidance_cut_meets_322T(svd_xt):
+    cuts = {r["guided_evals"]: r for r in svd_xt.values() if r["mode"].startswith(cm.CUT_PREFIX)}
+    assert {10, 15, 20} <= set(cuts)
+    flagged = [k for k, r in cuts.items() if r["meets_322T_latest"]]
+    assert len(flagged) == 1
+    k = flagged[0]
+    row = cuts[k]
+    assert row["mode"] == f"{cm.CUT_PREFIX}{k}" and row["params"] == VCUT_PARAMS
+    assert row["saving_vs_original"] >= 322e12
+    vcut = svd_xt["vcut"]
+    assert row["macs_per_video"] == (k * vcut["macs_per_eval"] + (25 - k) * vcut["macs_per_eval_frames"]
+                                     + row["macs_setup_per_video"])
+    later = cm.unet_row("vcut", 25, 25, 576, 1024, cut=k + 1)  # cutting one step later no longer saves 322T
+    assert svd_xt["original"]["macs_per_video"] - later["macs_per_video"] < 322e12
+
+
+def test_vae_and_clip_rows(svd_xt):
+    assert svd_xt["clip"]["params"] == 632_076_800
+    for mode in ("vae-encoder", "vae-decoder", "clip"):
+        assert svd_xt[mode]["macs_per_video"] == svd_xt[mode]["macs_per_eval"] > 0
+    assert "aten.bmm (counted)" in cm.OPS_SEEN["unet"]  # attention products went through the counter
+
+
+def test_attention_products_are_counted():
+    b, n, m, dim, ctx_dim, heads, dh = 3, 7, 5, 40, 24, 2, 24
+    inner = heads * dh
+    with torch.device("meta"):
+        attn, cross = SelfAttention(dim, heads, dh), CrossAttention(dim, ctx_dim, heads, dh)
+        x, context = torch.randn(b, n, dim), torch.randn(b, m, ctx_dim)
+    projections = b * n * (3 * dim * inner + inner * dim)  # to_q, to_k, to_v, to_out
+    scores_and_values = 2 * b * heads * n * n * dh
+    assert cm.count_call("test", lambda: attn(x)) == projections + scores_and_values
+    cross_macs = b * n * 2 * dim * inner + b * m * 2 * ctx_dim * inner + 2 * b * heads * n * m * dh
+    assert cm.count_call("test", lambda: cross(x, context)) == cross_macs
+
+
+def test_cli_json_small(cli_run):
+    out, err = cli_run.communicate(timeout=300)
+    assert cli_run.returncode == 0, err
+    rows = {r["mode"]: r for r in json.loads(out)}
+    assert {"original", "vcut-temporal", "vcut", "vae-encoder", "vae-decoder", "clip"} <= set(rows)
+    assert any(mode.startswith(cm.CUT_PREFIX) for mode in rows)
+    for r in rows.values():
+        assert all(isinstance(r[k], int) for k in ("params", "macs_per_eval", "macs_per_video"))
+    assert rows["original"]["params"] == ORIGINAL_PARAMS and rows["vcut"]["params"] == VCUT_PARAMS
+    assert rows["original"]["macs_per_video"] > rows["vcut"]["macs_per_video"]

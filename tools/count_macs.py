@@ -1,0 +1,288 @@
+#!/usr/bin/env python3
+"""Parameters and multiply-accumulates (MACs) of SVD's FULL-SIZE networks, counted on the meta device.
+
+    python tools/count_macs.py [--preset P] [--frames N] [--steps N] [--height H] [--width W] [--json] [--ops]
+
+Nothing real is allocated: every module is built under `torch.device("meta")` and run on meta tensors inside
+`torch.utils.flop_counter.FlopCounterMode`; MACs = FLOPs / 2. The networks are always SVD's (UNetConfig(),
+VAEConfig(), CLIPVisionConfig() defaults); `--preset` only supplies the default frames, steps and size.
+
+What is counted: every product of a matrix multiply or convolution (aten mm, addmm, bmm, baddbmm, convolution),
+including the attention scores q k^T and the values softmax(.) v: on the meta device
+`scaled_dot_product_attention` decomposes into bmm, and a recording mode below the counter checks that every op
+that ran either has a FLOP formula or is not a product (elementwise, normalisation, softmax, data movement, which
+are not MACs by the usual convention). `--ops` lists them.
+
+Modes (UNet):
+  original                 the reference computation, every cross-attention run at every call (fold=False)
+  vcut-temporal            the VCUT paper's variant: temporal cross-attention folded, spatial original
+  vcut                     svdlite's default: both folded (exact)
+  vcut+guidance-cut@K      vcut, and from step K on only the conditional branch runs (approximate)
+Per video = the UNet evaluations only (steps with classifier-free guidance run one call on the doubled batch of
+2*frames; after a guidance cut, one call on `frames`), plus the folded context vectors computed once per video as
+`svdlite.pipeline.make_denoiser` does. The VAE encoder (+ quant_conv, one image), the temporal VAE decoder (all
+frames; decoding in chunks costs the same MACs) and the CLIP image encoder (one image at 224) are separate rows.
+"""
+import argparse
+import functools
+import json
+import re
+import sys
+from collections import Counter
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import FlopCounterMode, flop_registry
+
+from svdlite.clip import CLIPVisionConfig, build_image_encoder
+from svdlite.presets import PRESETS
+from svdlite.unet import UNetConfig, VideoUNet
+from svdlite.vae import ConditionEncoder, VAEConfig, VideoDecoder
+
+META = torch.device("meta")
+UNET_MODES = {"original": False, "vcut-temporal": "temporal", "vcut": True}  # mode -> fold_cross_attention
+CUT_PREFIX = "vcut+guidance-cut@"
+
+# The paper's claims (VCUT, PAPERS.md section 1), all for a 25-frame video (SVD-XT; 25 steps assumed).
+CLAIM_PARAMS = 50_000_000
+CLAIM_MACS = 322e12
+CLAIM_LATENCY = 0.20
+CLAIM_FRAMES, CLAIM_STEPS = 25, 25
+
+# An op name that looks like a product; such an op must have a FLOP formula, else the count is refused.
+_PRODUCT = re.compile(r"mm|conv|attention|einsum|matmul|linear|dot|^aten\.mv$|addmv|addr|bilinear")
+OPS_SEEN: dict[str, Counter] = {}  # component -> Counter of "op (counted)" / "op" over every count run
+
+
+class _OpRecorder(TorchDispatchMode):
+    """Entered before FlopCounterMode, so it sits below it and sees the ops that actually run (after the
+    counter's decompositions)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops[func._overloadpacket] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def count_call(component: str, fn) -> int:
+    """MACs of fn() on meta tensors; refuses if a product-like op ran without a FLOP formula."""
+    recorder = _OpRecorder()
+    with torch.no_grad(), recorder, FlopCounterMode(display=False) as counter:
+        fn()
+    uncounted = sorted(str(op) for op in recorder.ops if op not in flop_registry)
+    missed = [op for op in uncounted if _PRODUCT.search(op)]
+    if missed:
+        raise RuntimeError(f"{component}: product ops ran without a FLOP formula (their MACs would be lost): {missed}")
+    seen = OPS_SEEN.setdefault(component, Counter())
+    for op, n in recorder.ops.items():
+        seen[f"{op}{' (counted)' if op in flop_registry else ''}"] += n
+    flops = counter.get_total_flops()
+    if flops % 2:
+        raise AssertionError(f"{component}: odd FLOP count {flops}")
+    return flops // 2
+
+
+def n_params(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+@functools.lru_cache(maxsize=None)
+def unet(fold) -> VideoUNet:
+    with META:
+        return VideoUNet(UNetConfig(), fold_cross_attention=fold).eval()
+
+
+@functools.lru_cache(maxsize=None)
+def unet_eval_macs(mode: str, batch_frames: int, num_frames: int, height: int, width: int) -> tuple[int, int]:
+    """(MACs of one UNet forward on batch_frames = b*num_frames frames, MACs of its context vectors)."""
+    net = unet(UNET_MODES[mode])
+    h, w = height // 8, width // 8
+    with META:
+        x = torch.randn(batch_frames, net.config.in_channels, h, w)
+        timesteps = torch.randn(batch_frames)
+        context = torch.randn(batch_frames, 1, net.config.context_dim)
+        y = torch.randn(batch_frames, net.config.adm_in_channels)
+    vectors = {}
+    setup = count_call("unet", lambda: vectors.update(net.context_vectors(context, num_frames)))
+    forward = count_call("unet", lambda: net(x, timesteps, None, y, num_frames, context_vectors=vectors))
+    return forward, setup
+
+
+def temporal_attn2_params() -> int:
+    """Parameters of the 16 temporal cross-attentions of the original network: what the paper removes."""
+    return sum(p.numel() for name, p in unet(False).named_parameters() if ".time_stack." in name and ".attn2." in name)
+
+
+def _check_size(frames: int, steps: int, height: int, width: int) -> None:
+    if frames < 1 or steps < 1:
+        raise ValueError(f"frames and steps must be >= 1, got {frames}, {steps}")
+    multiple = 8 * UNetConfig().latent_downscale
+    if height < multiple or width < multiple or height % multiple or width % multiple:
+        raise ValueError(f"height and width must be positive multiples of {multiple}, got {height}x{width}")
+
+
+def unet_row(mode: str, frames: int, steps: int, height: int, width: int, cut: int | None = None) -> dict:
+    """One UNet row. cut=K: steps 0..K-1 guided (2*frames), K..steps-1 conditional only (frames)."""
+    base = "vcut" if cut is not None else mode
+    guided, setup_guided = unet_eval_macs(base, 2 * frames, frames, height, width)
+    single, setup_single = unet_eval_macs(base, frames, frames, height, width)
+    k = steps if cut is None else cut
+    setup = setup_guided + setup_single  # make_denoiser computes the vectors of both batches, once
+    return {"mode": mode if cut is None else f"{CUT_PREFIX}{cut}", "component": "unet",
+            "params": n_params(unet(UNET_MODES[base])), "macs_per_eval": guided, "macs_per_eval_frames": single,
+            "macs_setup_per_video": setup, "guided_evals": k, "conditional_evals": steps - k,
+            "macs_per_video": k * guided + (steps - k) * single + setup,
+            "frames": frames, "steps": steps, "height": height, "width": width}
+
+
+def other_rows(frames: int, height: int, width: int) -> list[dict]:
+    vae, clip_cfg = VAEConfig(), CLIPVisionConfig()
+    with META:
+        encoder, decoder, clip = ConditionEncoder(vae), VideoDecoder(vae), build_image_encoder(clip_cfg)
+        image = torch.randn(1, vae.in_channels, height, width)
+        z = torch.randn(frames, vae.z_channels, height // vae.downscale, width // vae.downscale)
+        clip_in = torch.randn(1, 3, clip_cfg.image_size, clip_cfg.image_size)
+    rows = []
+    for mode, module, fn, what in (
+            ("vae-encoder", encoder, lambda: encoder(image), "encoder + quant_conv, 1 image"),
+            ("vae-decoder", decoder, lambda: decoder(z, frames), f"temporal decoder, {frames} frames"),
+            ("clip", clip, lambda: clip(clip_in), f"ViT-H/14, 1 image at {clip_cfg.image_size}")):
+        macs = count_call(mode, fn)
+        rows.append({"mode": mode, "component": mode, "params": n_params(module), "macs_per_eval": macs,
+                     "macs_per_video": macs, "what": what, "frames": frames, "height": height, "width": width})
+    return rows
+
+
+def default_cut_steps(steps: int) -> list[int]:
+    """A few cut steps spread over the schedule: 40%, 60%, 80% of the steps (10, 15, 20 for 25)."""
+    return sorted({min(max(round(f * steps), 1), steps - 1) for f in (0.4, 0.6, 0.8)} - {0}) if steps > 1 else []
+
+
+def latest_cut_meeting(target: float, frames: int, steps: int, height: int, width: int) -> int | None:
+    """The LARGEST K (the latest cut, fewest conditional-only steps) whose vcut+guidance-cut@K row saves at least
+    `target` MACs per video against `original`; None if even K=0 does not. The saving falls as K grows."""
+    reference = unet_row("original", frames, steps, height, width)["macs_per_video"]
+    meeting = [k for k in range(steps + 1)
+               if reference - unet_row("vcut", frames, steps, height, width, cut=k)["macs_per_video"] >= target]
+    return max(meeting) if meeting else None
+
+
+def count(preset: str = "svd-xt", frames: int | None = None, steps: int | None = None, height: int | None = None,
+          width: int | None = None, cut_steps: list[int] | None = None, components: bool = True) -> list[dict]:
+    """All rows (dicts with int `params`, `macs_per_eval`, `macs_per_video`; UNet rows also `macs_per_eval_frames`
+    (one call on `frames`), `macs_setup_per_video`, `guided_evals`, `conditional_evals`, `saving_vs_original`).
+    None means the preset's value. cut_steps default: `default_cut_steps(steps)` plus the latest K meeting the
+    paper's 322T (flagged `meets_322T_latest`)."""
+    sampling = PRESETS[preset].sampling
+    frames = sampling.num_frames if frames is None else frames
+    steps = sampling.num_inference_steps if steps is None else steps
+    height = sampling.height if height is None else height
+    width = sampling.width if width is None else width
+    _check_size(frames, steps, height, width)
+    rows = [unet_row(mode, frames, steps, height, width) for mode in UNET_MODES]
+    k_claim = latest_cut_meeting(CLAIM_MACS, frames, steps, height, width)
+    if cut_steps is None:
+        cut_steps = default_cut_steps(steps) + ([k_claim] if k_claim is not None else [])
+    for k in sorted(set(cut_steps)):
+        if not 0 <= k <= steps:
+            raise ValueError(f"cut step {k} is outside [0, {steps}]")
+        rows.append(unet_row("vcut", frames, steps, height, width, cut=k) | {"meets_322T_latest": k == k_claim})
+    reference = rows[0]
+    for row in rows:
+        row["saving_vs_original"] = reference["macs_per_video"] - row["macs_per_video"]
+    if components:
+        rows += other_rows(frames, height, width)
+    return rows
+
+
+def _t(macs: float) -> str:
+    return f"{macs / 1e12:,.2f}"
+
+
+def print_table(rows: list[dict], preset: str, steps_source: str) -> None:
+    unet_rows = [r for r in rows if r["component"] == "unet"]
+    ref = unet_rows[0]
+    f, s, h, w = ref["frames"], ref["steps"], ref["height"], ref["width"]
+    print(f"SVD full-size networks, meta-device count (MACs = FLOPs/2; 1T = 1e12 MACs), preset {preset}")
+    print(f"  {f} frames, {h}x{w} (latent {h // 8}x{w // 8}), STEPS = {s} ({steps_source})")
+    print("  per video = UNet evaluations only: guided step = 1 call on 2*frames (CFG batch), conditional-only step"
+          " = 1 call on frames,\n  plus the folded context vectors once per video; VAE and CLIP are separate rows.")
+    print("  counted: every conv / linear / matmul product incl. attention scores and values; not counted: "
+          "elementwise, norms, softmax.\n")
+    header = (f"{'mode':<23}{'params':>15}{'Δparams':>14}{'eval 2T':>10}{'eval T':>10}{'evals':>8}"
+              f"{'per video':>12}{'saved':>10}{'saved %':>9}  paper claims met")
+    print(header)
+    print("-" * (len(header) + 22))
+    paper_removed = temporal_attn2_params()
+    for r in unet_rows:
+        saved, dparams = r["saving_vs_original"], r["params"] - ref["params"]
+        claims = []
+        if r["mode"] == "vcut-temporal":
+            claims.append(f"-{paper_removed / 1e6:.2f}M attn2 params (paper framing) >= 50M")
+        elif r["mode"] != "original" and -dparams >= CLAIM_PARAMS:
+            claims.append(f"{-dparams / 1e6:.1f}M fewer params >= 50M")
+        if r["mode"] != "original":
+            claims.append(f"322T: {'yes' if saved >= CLAIM_MACS else 'no'}")
+            claims.append(f"20%: {'yes' if saved >= CLAIM_LATENCY * ref['macs_per_video'] else 'no'}")
+        if r.get("meets_322T_latest"):
+            claims.append("<- latest K meeting 322T")
+        evals = f"{r['guided_evals']}+{r['conditional_evals']}"
+        print(f"{r['mode']:<23}{r['params']:>15,}{dparams:>+14,}{_t(r['macs_per_eval']):>10}"
+              f"{_t(r['macs_per_eval_frames']):>10}{evals:>8}{_t(r['macs_per_video']):>12}{_t(saved):>10}"
+              f"{100 * saved / ref['macs_per_video']:>8.2f}%  {'; '.join(claims)}")
+    print("\n(eval 2T / eval T: T MACs of one UNet call on the guided batch of 2*frames / on frames; evals: guided +"
+          " conditional-only calls)\n")
+    for r in rows:
+        if r["component"] != "unet":
+            print(f"{r['mode']:<23}{r['params']:>15,}  {_t(r['macs_per_video']):>8} T MACs once per video  ({r['what']})")
+    total = {r["mode"]: r["macs_per_video"] for r in rows if r["component"] != "unet"}
+    print(f"{'(VAE + CLIP total)':<23}{'':>15}  {_t(sum(total.values())):>8} T MACs per video\n")
+    print(f"Paper (VCUT) claims, for a {CLAIM_FRAMES}-frame video: 50M fewer parameters, up to 322T fewer MACs per"
+          " video, 20% lower latency (here: >= 20% of the original's UNet MACs, a proxy; latency is not measured).")
+    print(f"  paper's parameter framing: the 16 temporal attn2 hold {paper_removed:,} parameters; vcut-temporal "
+          f"removes them and adds {(unet_rows[1]['params'] - ref['params'] + paper_removed):,} of folded layers "
+          f"(net {ref['params'] - unet_rows[1]['params']:,} fewer).")
+    cut_rows = [r for r in unet_rows if r.get("meets_322T_latest")]
+    if cut_rows:
+        k = cut_rows[0]["guided_evals"]
+        print(f"  latest guidance-cut step saving >= 322T: K = {k} ({s - k} of {s} steps conditional-only), "
+              f"saves {_t(cut_rows[0]['saving_vs_original'])}T; K = {k + 1} would save less.")
+    else:
+        print("  no guidance-cut step saves 322T at this setting.")
+    if (f, s) != (CLAIM_FRAMES, CLAIM_STEPS):
+        print(f"  NOTE: the claims refer to {CLAIM_FRAMES} frames x {CLAIM_STEPS} steps; this run uses {f} x {s} "
+              f"(use --frames {CLAIM_FRAMES} --steps {CLAIM_STEPS} for the paper's setting).")
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--preset", default="svd-xt", choices=sorted(PRESETS))
+    parser.add_argument("--frames", type=int)
+    parser.add_argument("--steps", type=int, help="denoising steps (default: the preset's; the paper uses 25)")
+    parser.add_argument("--height", type=int)
+    parser.add_argument("--width", type=int)
+    parser.add_argument("--cut-steps", type=int, nargs="*", help="guidance-cut steps K (default: a few + the 322T one)")
+    parser.add_argument("--json", action="store_true", help="print the rows as a JSON list")
+    parser.add_argument("--ops", action="store_true", help="also list every aten op seen, per component")
+    args = parser.parse_args(argv)
+    try:
+        rows = count(args.preset, args.frames, args.steps, args.height, args.width, args.cut_steps)
+    except ValueError as e:
+        parser.error(str(e))
+    if args.json:
+        print(json.dumps(rows, indent=1))
+    else:
+        source = "--steps" if args.steps is not None else f"preset {args.preset}'s default"
+        print_table(rows, args.preset, source)
+    if args.ops:
+        for component, ops in OPS_SEEN.items():
+            print(f"\nops seen in {component}:", file=sys.stderr if args.json else sys.stdout)
+            for op, n in sorted(ops.items()):
+                print(f"  {op:<45}{n:>8}", file=sys.stderr if args.json else sys.stdout)
+
+
+if __name__ == "__main__":
+    main()
