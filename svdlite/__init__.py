@@ -1,5 +1,11 @@
 """svdlite: Stable Video Diffusion image-to-video without diffusers, with VCUT and F3-Pruning built in."""
-from .unet import UNetConfig, VideoUNet
-
 __version__ = "0.1.0"
-__all__ = ["UNetConfig", "VideoUNet", "__version__"]
+
+from .components import SVDModel, load_model  # noqa: E402
+from .loading import CheckpointError, load_unet  # noqa: E402
+from .pipeline import generate  # noqa: E402
+from .unet import UNetConfig, VideoUNet  # noqa: E402
+from .video import Video  # noqa: E402
+
+__all__ = ["CheckpointError", "SVDModel", "UNetConfig", "Video", "VideoUNet", "__version__", "generate", "load_model",
+           "load_unet"]

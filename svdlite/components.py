@@ -17,7 +17,7 @@ from .loading import (SVDLITE_FORMAT, CheckpointError, Entry, TensorSource, _dif
                       _unet_file_keys, detect_unet_format, load_planned, unet_plan)
 from .presets import PRESETS
 from .unet import UNetConfig, VideoUNet
-from .unet_keymap import unet_config_from_diffusers
+from .unet_keymap import ORIGINAL_PREFIX, unet_config_from_diffusers, unet_config_from_shapes
 from .vae import ConditionEncoder, VAEConfig, VideoDecoder
 
 COMPONENTS = ("unet", "vae_encoder", "vae_decoder", "image_encoder")
@@ -120,8 +120,36 @@ def open_model_source(path, preset: str | None = None, *, require_all: bool = Tr
                          ("CLIP image encoder", clip_keymap.ORIGINAL_PREFIX)):
         if not any(k.startswith(prefix) for k in keys):
             raise CheckpointError(f"{path}: this original-format file has no {what} ({prefix}*)")
-    return ModelSource(fmt, files, UNetConfig(), VAEConfig(), CLIPVisionConfig(), preset or _preset_from_name(path),
-                       path)
+    return ModelSource(fmt, files, _original_unet_config(src, path), _original_vae_config(src),
+                       _original_clip_config(src), preset or _preset_from_name(path), path)
+
+
+def _original_unet_config(src: TensorSource, path: Path) -> UNetConfig:
+    """Read from the file's shapes; for every released SVD file this is UNetConfig()."""
+    p = ORIGINAL_PREFIX
+    try:
+        return unet_config_from_shapes(lambda k: src.shape(p + k), lambda k: p + k in src.key_file)
+    except (KeyError, ValueError, ZeroDivisionError, IndexError) as err:
+        raise CheckpointError(f"{path}: cannot read the UNet's configuration from its shapes ({err!r})") from err
+
+
+def _original_vae_config(src: TensorSource) -> VAEConfig:
+    p = vae_keymap.DECODER_PREFIX
+    if p + "conv_in.weight" not in src.key_file:
+        return VAEConfig()
+    z = src.shape(p + "conv_in.weight")[1]
+    ch = src.shape(p + "conv_out.weight")[1]
+    levels = sum(p + f"up.{i}.block.0.conv1.weight" in src.key_file for i in range(16))
+    mult = tuple(src.shape(p + f"up.{i}.block.0.conv2.weight")[0] // ch for i in range(levels))
+    blocks = sum(p + f"up.0.block.{j}.conv1.weight" in src.key_file for j in range(16)) - 1
+    return VAEConfig(ch=ch, ch_mult=mult, num_res_blocks=blocks, z_channels=z)
+
+
+def _original_clip_config(src: TensorSource) -> CLIPVisionConfig:
+    """Layer count from the file; the rest is ViT-H/14 (head width 80 is not visible in shapes)."""
+    p = clip_keymap.ORIGINAL_PREFIX
+    layers = sum(p + f"transformer.resblocks.{i}.ln_1.weight" in src.key_file for i in range(128))
+    return CLIPVisionConfig(layers=layers) if layers else CLIPVisionConfig()
 
 
 def vae_config_from_diffusers(params: dict) -> VAEConfig:

@@ -95,6 +95,7 @@ def write_svdlite(out: Path, tensors: dict[str, torch.Tensor], metadata: dict[st
         for key, value in tensors.items():
             if not torch.equal(check.get(key), value):
                 raise CheckpointError(f"reloading {tmp}: tensor {key} differs from what was written")
+        del check  # release the file before it is renamed
         tmp.replace(out)
     finally:
         tmp.unlink(missing_ok=True)

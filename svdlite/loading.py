@@ -32,14 +32,14 @@ class TensorSource:
     """Lazy access to the tensors of one or more safetensors files (several for a sharded diffusers folder)."""
 
     def __init__(self, files: list[Path]):
-        self.files, self.key_file, self.metadata, self.reads = files, {}, {}, []
+        self.files, self.key_file, self.metadata, self.reads, self._handles = files, {}, {}, [], {}
         for f in files:
             if not f.is_file():
                 raise CheckpointError(f"{f}: no such file")
             try:
-                with safe_open(str(f), framework="pt") as h:
-                    self.metadata.update(h.metadata() or {})
-                    self.key_file.update({k: f for k in h.keys()})
+                h = self._handles[f] = safe_open(str(f), framework="pt")
+                self.metadata.update(h.metadata() or {})
+                self.key_file.update({k: f for k in h.keys()})
             except (SafetensorError, OSError, ValueError, RuntimeError) as err:
                 raise CheckpointError(f"{f} is not a readable safetensors file ({err}); svdlite reads .safetensors "
                                       "checkpoints only (original single file, diffusers folder or converted)") from err
@@ -48,14 +48,13 @@ class TensorSource:
         return set(self.key_file)
 
     def shape(self, key: str) -> tuple[int, ...]:
-        with safe_open(str(self.key_file[key]), framework="pt") as h:
-            return tuple(h.get_slice(key).get_shape())
+        return tuple(self._handles[self.key_file[key]].get_slice(key).get_shape())
 
     def get(self, key: str) -> torch.Tensor:
+        """Read one tensor (recorded in `reads`)."""
         self.reads.append(key)
         try:
-            with safe_open(str(self.key_file[key]), framework="pt") as h:
-                return h.get_tensor(key)
+            return self._handles[self.key_file[key]].get_tensor(key)
         except (SafetensorError, OSError, RuntimeError) as err:
             raise CheckpointError(f"{self.key_file[key]}: cannot read tensor {key!r} ({err}); truncated file?") from err
 

@@ -44,3 +44,41 @@ def original_unet_shapes(config: UNetConfig) -> dict[str, tuple[int, ...]]:
         shapes[key] = {"to_q.weight": (c, c), "to_k.weight": (c, d), "to_v.weight": (c, d),
                        "to_out.0.weight": (c, c), "to_out.0.bias": (c,)}[leaf]
     return shapes
+
+
+def original_checkpoint_shapes(unet_config: UNetConfig | None = None, vae_config=None, clip_config=None,
+                               components=("unet", "vae_encoder", "vae_decoder", "image_encoder"),
+                               extras: bool = True) -> dict[str, tuple[int, ...]]:
+    """{full key: shape} of an original single file (svd*.safetensors) for these configs and components.
+
+    extras adds the tensors such files hold that svdlite never reads: the first_stage_model encoder copy, the
+    conditioner's 2-D decoder and post_quant_conv, and OpenCLIP text-side leftovers (a sample of each)."""
+    from . import clip_keymap, vae_keymap
+    from .clip import CLIPVisionConfig, build_image_encoder
+    from .unet_keymap import ORIGINAL_PREFIX
+    from .vae import ConditionEncoder, VAEConfig, VideoDecoder
+
+    vae_config, clip_config = vae_config or VAEConfig(), clip_config or CLIPVisionConfig()
+    shapes = {}
+    with torch.device("meta"):
+        if "unet" in components:
+            shapes.update({ORIGINAL_PREFIX + k: v for k, v in original_unet_shapes(unet_config or UNetConfig()).items()})
+        if "vae_encoder" in components:
+            for k, v in ConditionEncoder(vae_config).state_dict().items():
+                prefix, rest = k.split(".", 1)
+                full = (vae_keymap.ENCODER_PREFIX if prefix == "encoder" else vae_keymap.QUANT_CONV_PREFIX) + rest
+                shapes[full] = tuple(v.shape)
+                if extras and prefix == "encoder":
+                    shapes[vae_keymap.FIRST_STAGE_ENCODER_PREFIX + rest] = tuple(v.shape)
+        if "vae_decoder" in components:
+            shapes.update({vae_keymap.DECODER_PREFIX + k: tuple(v.shape)
+                           for k, v in VideoDecoder(vae_config).state_dict().items()})
+        if "image_encoder" in components:
+            shapes.update({clip_keymap.ORIGINAL_PREFIX + k: tuple(v.shape)
+                           for k, v in build_image_encoder(clip_config).state_dict().items()})
+    if extras:
+        shapes["conditioner.embedders.3.encoder.post_quant_conv.weight"] = (vae_config.z_channels,) * 2 + (1, 1)
+        shapes["conditioner.embedders.3.encoder.decoder.conv_in.weight"] = (vae_config.ch, vae_config.z_channels, 3, 3)
+        shapes["conditioner.embedders.0.open_clip.model.token_embedding.weight"] = (16, clip_config.output_dim)
+        shapes["conditioner.embedders.0.open_clip.model.logit_scale"] = ()
+    return shapes

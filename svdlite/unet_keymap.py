@@ -151,3 +151,23 @@ def unet_config_from_diffusers(params: dict) -> UNetConfig:
         num_res_blocks=params.get("layers_per_block", 2), num_head_channels=head_dims.pop(),
         transformer_depth=depth, context_dim=params.get("cross_attention_dim", 1024),
         adm_in_channels=params.get("projection_class_embeddings_input_dim", 768))
+
+
+def unet_config_from_shapes(shape, has) -> UNetConfig:
+    """The network an original-layout state dict describes, read from a few shapes (ComfyUI-style detection).
+
+    shape(key) -> tuple and has(key) -> bool take unprefixed sgm keys. Head width cannot be seen in shapes:
+    it is taken as SVD's 64 (num_head_channels); every released SVD checkpoint uses it."""
+    mc, in_ch = shape("input_blocks.0.0.weight")[:2]
+    ops = sorted(int(k) for k in range(1, 64) if has(f"input_blocks.{k}.0.op.weight"))
+    nrb = ops[0] - 1 if ops else sum(has(f"input_blocks.{i}.0.in_layers.2.weight") for i in range(1, 64))
+    levels = len(ops) + 1
+    first = [1 + level * (nrb + 1) for level in range(levels)]  # first res block of each level
+    mult = tuple(shape(f"input_blocks.{i}.0.out_layers.3.weight")[0] // mc for i in first)
+    attn = tuple(2 ** level for level in reversed(range(levels)) if has(f"input_blocks.{first[level]}.1.proj_in.weight"))
+    depth = sum(has(f"middle_block.1.transformer_blocks.{d}.norm1.weight") for d in range(16))
+    context = shape("middle_block.1.transformer_blocks.0.attn2.to_k.weight")[1]
+    return UNetConfig(in_channels=in_ch, out_channels=shape("out.2.weight")[0], model_channels=mc,
+                      channel_mult=mult, num_res_blocks=nrb, attention_resolutions=attn or (4, 2, 1),
+                      transformer_depth=depth or 1, context_dim=context,
+                      adm_in_channels=shape("label_emb.0.0.weight")[1])

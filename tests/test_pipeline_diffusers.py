@@ -10,14 +10,15 @@ float frames and the uint8 frames. Diffusers' final latents come from `callback_
 the `output_type="pt"` run; `output_type="latent"` returns the same tensor, (1, T, 4, h, w), the denoised latents
 before the 1/0.18215 decoder scaling (checked in `test_diffusers_latent_output_is_the_final_latents`).
 
-Expected differences, measured with this file's settings (64x448 image, 5 frames, 4 steps):
+Expected differences (numbers measured with this file's settings: 64x448 image, 5 frames, 4 steps, CPU float32):
 * diffusers uses GroupNorm eps 1e-6 in the ResBlocks of its CrossAttnDown and Up blocks where the original (and
   svdlite) use 1e-5 (SVD_SPEC.md 3.9). "as shipped" compares against diffusers unchanged; the tight cases set
   those diffusers modules' eps to 1e-5 first.
 * diffusers' sigmas are derived in float64 (sgm's and svdlite's in float32): ~3e-6 relative per sigma; the
   initial noise scale is 700.00073 in diffusers and 700.00085 (sqrt(1 + 700.00012^2) in float32) in svdlite.
 * everything else is float32 rounding of the same operations in a different order.
-The uint8 frames may differ by one step where a value sits at a rounding boundary.
+The uint8 frames may differ by one step where a value sits at a rounding boundary (measured: at most 1, on
+449 of 430,080 values as shipped and 90-108 with the original eps).
 
 Stage checks (CLIP tower input and output, VAE-encoder input, first UNet call) say which stage broke when the
 end-to-end comparison fails.
@@ -196,12 +197,16 @@ def runs(folder):
     rec.attach(pipe, model)
     out = {}
 
+    def svdlite_run(seed, **kw):
+        video, frames = run_svdlite(model, image, seed, **kw)
+        return video, frames, rec.take()
+
     def case(name, df, sv):
         out[name] = dict(df_latents=df[0], df_frames=df[1], df_uint8=diffusers_uint8(pipe, df[1]),
-                         video=sv[0], sv_frames=sv[1], hooks=rec.take())
+                         video=sv[0], sv_frames=sv[1], hooks={**rec.take(), **sv[2]})
 
     # as shipped (diffusers' eps 1e-6 in some ResBlocks); the svdlite run is reused for the tight "seed" case
-    sv_seed = run_svdlite(model, image, SEED)
+    sv_seed = svdlite_run(SEED)
     case("shipped", run_diffusers(pipe, image, SEED), sv_seed)
     latent_output = pipe(image, generator=torch.Generator().manual_seed(SEED), output_type="latent",
                          **SETTINGS).frames
@@ -211,8 +216,8 @@ def runs(folder):
     # explicit initial noise (unit variance), the generator then only draws the condition-image noise
     noise = torch.randn(FRAMES, 4, HEIGHT // 8, WIDTH // 8, generator=torch.Generator().manual_seed(77))
     case("latents", run_diffusers(pipe, image, SEED + 1, latents=noise[None]),
-         run_svdlite(model, image, SEED + 1, latents=noise))
-    case("no_cfg", run_diffusers(pipe, image, SEED, **NO_CFG), run_svdlite(model, image, SEED, **NO_CFG))
+         svdlite_run(SEED + 1, latents=noise))
+    case("no_cfg", run_diffusers(pipe, image, SEED, **NO_CFG), svdlite_run(SEED, **NO_CFG))
     rec.detach()
     out["latent_output"] = latent_output
     out["model"] = model
@@ -252,9 +257,9 @@ def test_clip_conditioning_matches(runs, name):
     """The CLIP tower's input (224x224, normalised) and the image embedding it returns."""
     hooks = runs[name]["hooks"]
     assert hooks["sv_clip_in"].shape == hooks["df_clip_in"].shape
-    err_in = abs_err(hooks["sv_clip_in"], hooks["df_clip_in"])
-    assert err_in < 1e-5, f"CLIP tower input differs from diffusers': max abs {err_in:.3g}"
-    err_out = rel_err(hooks["sv_clip_out"], hooks["df_clip_out"])
+    err_in = abs_err(hooks["sv_clip_in"], hooks["df_clip_in"])  # measured 0 (same operations, same order)
+    assert err_in < 1e-6, f"CLIP tower input differs from diffusers': max abs {err_in:.3g}"
+    err_out = rel_err(hooks["sv_clip_out"], hooks["df_clip_out"])  # measured 2.3e-7 (open_clip vs transformers)
     assert err_out < 1e-5, f"CLIP image embedding differs from diffusers': rel {err_out:.3g}"
 
 
@@ -262,12 +267,15 @@ def test_clip_conditioning_matches(runs, name):
 def test_condition_image_and_first_unet_call_match(runs, name):
     """Same noise-augmented condition image (same generator draw), same first UNet input and noise level."""
     hooks = runs[name]["hooks"]
-    # pixels in [-1, 1] plus 0.02 * the same randn draw: identical up to float32 rounding of the /255 and *2-1
-    assert abs_err(hooks["sv_vae_in"], hooks["df_vae_in"]) < 1e-6
-    # [c_in * x, z_cond]: differs only by the initial-noise scale (700.00085 vs 700.00073) and sigma rounding
+    # pixels in [-1, 1] plus 0.02 * the same randn draw (condition noise drawn first): measured 0
+    err = abs_err(hooks["sv_vae_in"], hooks["df_vae_in"])
+    assert err < 1e-6, f"noise-augmented condition image: max abs {err:.3g}"
+    # [c_in * x, z_cond]: c_in * sqrt(1 + sigma_0^2) is 1.0 on both sides despite their different sigma_0
+    # roundings; what remains is the VAE encoder's float32 rounding in z_cond. Measured 2.5e-6 to 2.7e-6.
     err = rel_err(hooks["sv_unet_in"], hooks["df_unet_in"])
     assert err < 1e-5, f"first UNet input: rel {err:.3g}"
-    assert abs_err(hooks["sv_unet_t"], hooks["df_unet_t"]) < 1e-6  # 0.25 ln(700) = 1.6378
+    # 0.25 ln(sigma_0): 1.6377701 (svdlite, sigma_0 = 700.00012) vs 1.6377701 (diffusers); measured 1.2e-7
+    assert abs_err(hooks["sv_unet_t"], hooks["df_unet_t"]) < 1e-6
 
 
 def _latent_err(runs, name):
@@ -276,13 +284,13 @@ def _latent_err(runs, name):
 
 
 def test_final_latents_match_diffusers_as_shipped(runs):
-    err = _latent_err(runs, "shipped")
-    assert err < 5e-4, f"final latents vs diffusers as shipped: rel {err:.3g}"
+    err = _latent_err(runs, "shipped")  # measured 3.0e-5 (max |latent| 5.4): mostly the 1e-6 / 1e-5 eps
+    assert err < 3e-4, f"final latents vs diffusers as shipped: rel {err:.3g}"
 
 
 @pytest.mark.parametrize("name", TIGHT)
 def test_final_latents_match_diffusers_with_original_eps(runs, name):
-    err = _latent_err(runs, name)
+    err = _latent_err(runs, name)  # measured seed 4.7e-6, latents 4.8e-6, no_cfg 4.2e-6 (sigmas, float32 order)
     assert err < 5e-5, f"final latents vs diffusers ({name}, eps 1e-5): rel {err:.3g}"
 
 
@@ -290,7 +298,8 @@ def test_final_latents_match_diffusers_with_original_eps(runs, name):
 def test_float_frames_match(runs, name):
     r = runs[name]
     err = abs_err(r["sv_frames"], r["df_frames"])
-    bound = 1e-3 if name == "shipped" else 1e-4
+    # measured max abs: shipped 6.2e-5; seed 1.3e-5, latents 1.2e-5, no_cfg 1.1e-5
+    bound = 6e-4 if name == "shipped" else 1e-4
     assert err < bound, f"float frames in [0, 1] ({name}): max abs {err:.3g}"
 
 
@@ -301,13 +310,15 @@ def test_uint8_frames_match(runs, name):
     assert ours.shape == theirs.shape
     diff = np.abs(ours - theirs)
     off = int((diff > 0).sum())
+    # measured: max 1 everywhere; off by one: shipped 449, seed 106, latents 108, no_cfg 90 of 430,080 values
     assert diff.max() <= 1, f"uint8 frames ({name}): max diff {diff.max()}"
-    assert off <= 0.01 * diff.size, f"uint8 frames ({name}): {off} of {diff.size} values off by one"
+    share = 0.005 if name == "shipped" else 0.002  # 2150 / 860 values
+    assert off <= share * diff.size, f"uint8 frames ({name}): {off} of {diff.size} values off by one"
 
 
 def test_decoding_alone_matches_diffusers(runs):
     """svdlite's chunked decode of diffusers' own final latents against diffusers' frames: the VAE path alone."""
     r = runs["seed"]
     ours = ((decode(runs["model"], r["df_latents"], FRAMES, CHUNK) + 1.0) / 2.0).clamp(0.0, 1.0)
-    err = abs_err(ours, r["df_frames"])
-    assert err < 3e-5, f"decode of diffusers' latents: max abs {err:.3g}"
+    err = abs_err(ours, r["df_frames"])  # measured 6.8e-6
+    assert err < 5e-5, f"decode of diffusers' latents: max abs {err:.3g}"
