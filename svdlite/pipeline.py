@@ -1,7 +1,7 @@
 """Image to video: `generate(image, model=..., ...)`, the whole of SVD_SPEC.md section 11.
 
 Argument names follow diffusers' `StableVideoDiffusionPipeline`; defaults come from the model's preset. With the
-same weights, image, `latents` (or seed) and settings, the frames equal diffusers' (tests/test_pipeline.py).
+same weights, image, `latents` (or seed) and settings, the frames equal diffusers' (tests/test_pipeline_diffusers.py).
 Randomness comes only from one CPU `torch.Generator`, drawn in diffusers' order: the condition image's noise
 augmentation, then the initial latents.
 """
@@ -13,7 +13,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import sampling
-from .clip import encode_image, preprocess
+from .clip import encode_image
 from .components import SVDModel, load_model
 from .conditioning import augment_condition_image, cfg_batch, fps_id_from_fps, micro_conditioning
 from .vae import decode_latents
@@ -97,7 +97,7 @@ def generate(image, *, model="svd-xt", num_frames: int | None = None, num_infere
     dev = torch.device(device)
 
     pixels = load_image(image, height, width).to(dev)
-    image_embeds = encode_image(model.image_encoder, preprocess(pixels).to(dtype)).float()
+    image_embeds = encode_image(model.image_encoder, pixels).float()  # preprocesses (224 resize, CLIP norm)
     cond_pixels = augment_condition_image(pixels, aug, generator)
     cond_latent = model.vae_encoder(cond_pixels).float()
     latent_shape = (num_frames, cond_latent.shape[1], *cond_latent.shape[-2:])
