@@ -67,3 +67,18 @@ def reference() -> Reference:
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """Max absolute difference divided by the reference's max magnitude."""
     return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-30)).item()
+
+
+def block_outputs(model: torch.nn.Module, keys, run) -> dict[str, torch.Tensor]:
+    """Outputs of the submodules named by reference keys (`<module path>.out`, or a bare path) during `run()`."""
+    got, hooks = {}, []
+    for key in keys:
+        module = model.get_submodule(key.removesuffix(".out"))
+        hooks.append(module.register_forward_hook(lambda m, a, out, key=key: got.__setitem__(key, out)))
+    try:
+        with torch.no_grad():
+            run()
+    finally:
+        for h in hooks:
+            h.remove()
+    return got

@@ -8,6 +8,7 @@ floor while the smallest implementation mistake the README lists (c_noise + 0.1)
 import pytest
 import torch
 
+from conftest import block_outputs
 from svdlite import UNetConfig
 from svdlite.loading import load_unet
 
@@ -46,18 +47,8 @@ def test_precomputed_context_vectors_give_the_same_output(unet, io):
 
 def test_every_block(unet, io, reference):
     blocks = reference.tensors("unet_tiny_blocks.safetensors")
-    got = {}
-    hooks = []
-    for key in blocks:
-        path = key[: -len(".out")] if key.endswith(".out") else key
-        module = unet.get_submodule(path)
-        hooks.append(module.register_forward_hook(lambda m, a, out, key=key: got.__setitem__(key, out)))
-    try:
-        with torch.no_grad():
-            unet(io["x"], io["timesteps"], io["context"], io["y"], int(io["num_video_frames"]), io["image_only_indicator"])
-    finally:
-        for h in hooks:
-            h.remove()
+    got = block_outputs(unet, blocks, lambda: unet(io["x"], io["timesteps"], io["context"], io["y"],
+                                                   int(io["num_video_frames"]), io["image_only_indicator"]))
     assert set(got) == set(blocks)
     for key, ref in blocks.items():
         torch.testing.assert_close(got[key], ref, atol=ATOL, rtol=RTOL, msg=lambda m, key=key: f"{key}: {m}")

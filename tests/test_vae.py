@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import rel_err
+from conftest import block_outputs, rel_err
 from helpers import random_tensors
 from safetensors.torch import load_file
 
@@ -79,16 +79,7 @@ def test_decoder_matches_sgm(decoder, decoder_io, case):
 @pytest.mark.reference
 def test_decoder_every_block_matches_sgm(decoder, decoder_io, reference):
     blocks = reference.tensors("vae_decoder_tiny_blocks.safetensors")
-    got, hooks = {}, []
-    for key in blocks:
-        module = decoder.get_submodule(key.removesuffix(".out"))
-        hooks.append(module.register_forward_hook(lambda m, a, out, key=key: got.__setitem__(key, out)))
-    try:
-        with torch.no_grad():
-            decoder(decoder_io["z"], int(decoder_io["timesteps"]))
-    finally:
-        for h in hooks:
-            h.remove()
+    got = block_outputs(decoder, blocks, lambda: decoder(decoder_io["z"], int(decoder_io["timesteps"])))
     assert set(got) == set(blocks)
     for key, ref in blocks.items():
         torch.testing.assert_close(got[key], ref, atol=ATOL, rtol=RTOL, msg=lambda m, key=key: f"{key}: {m}")
