@@ -155,7 +155,8 @@ class SpatialVideoTransformer(nn.Module):
             x = block(x, spatial_vec)
             x_mix = mix_block(x + emb, temporal_vec, num_frames)
             x = self.time_mixer(x, x_mix, image_only_indicator, "b t -> (b t) 1 1")
-        x = rearrange(self.proj_out(x), "n (h w) c -> n c h w", h=h, w=w)
+        # contiguous: a channels-last view here would make every later conv re-layout its weights (~15% slower)
+        x = rearrange(self.proj_out(x), "n (h w) c -> n c h w", h=h, w=w).contiguous()
         return x + x_in
 
 

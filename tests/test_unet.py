@@ -141,3 +141,17 @@ def test_error_unknown_file(tmp_path):
         load_unet(tmp_path / "vae.safetensors", TINY)
     with pytest.raises(CheckpointError, match="no such file"):
         load_unet(tmp_path / "absent.safetensors", TINY)
+
+
+def test_blocks_keep_a_contiguous_layout():
+    """Every block output stays in standard (NCHW-contiguous) layout: a channels-last leak from the
+    transformer's proj_out view once made every following conv re-layout its weights at each call."""
+    torch.manual_seed(0)
+    unet = VideoUNet(TINY).eval()
+    outs = []
+    hooks = [b.register_forward_hook(lambda m, a, out: outs.append(out)) for _, b in unet.named_blocks()]
+    with torch.no_grad():
+        unet(torch.randn(4, 8, 8, 8), torch.zeros(4), torch.zeros(4, 1, 24), torch.zeros(4, 12), 2)
+    for h in hooks:
+        h.remove()
+    assert len(outs) == len(list(unet.named_blocks())) and all(o.is_contiguous() for o in outs)
