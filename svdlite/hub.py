@@ -47,16 +47,17 @@ def download_preset(name: str, *, token: str | None = None, cache_dir=None) -> P
     preset = PRESETS[name]
     root = None
     for folder, weight_names, config in COMPONENT_FILES:
-        for i, weights in enumerate(weight_names):
-            filename = f"{folder}/{weights}"
+        path = None
+        for weights in weight_names:  # fp16 first; a missing variant (or one absent from the cache) falls through
             try:
-                path = hf_hub_download(preset.repo_id, filename, token=token, cache_dir=cache_dir)
+                path = hf_hub_download(preset.repo_id, f"{folder}/{weights}", token=token, cache_dir=cache_dir)
                 break
             except EntryNotFoundError as err:
-                if i == len(weight_names) - 1:
-                    raise _explain(preset, filename, err) from err
+                last = err
             except Exception as err:  # noqa: BLE001 - translated into one clear message
-                raise _explain(preset, filename, err) from err
+                raise _explain(preset, f"{folder}/{weights}", err) from err
+        if path is None:
+            raise _explain(preset, " or ".join(f"{folder}/{w}" for w in weight_names), last) from last
         try:
             hf_hub_download(preset.repo_id, f"{folder}/{config}", token=token, cache_dir=cache_dir)
         except Exception as err:  # noqa: BLE001
