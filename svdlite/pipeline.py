@@ -78,15 +78,18 @@ def generate(image, *, model="svd-xt", num_frames: int | None = None, num_infere
     if not isinstance(model, SVDModel):
         model = load_model(model, device=device, dtype=dtype, token=token)
     d = model.sampling
-    num_frames = num_frames or d.num_frames
-    steps = num_inference_steps or d.num_inference_steps
+    num_frames = d.num_frames if num_frames is None else num_frames
+    steps = d.num_inference_steps if num_inference_steps is None else num_inference_steps
     fps = d.fps if fps is None else fps
     motion_bucket_id = d.motion_bucket_id if motion_bucket_id is None else motion_bucket_id
     aug = d.noise_aug_strength if noise_aug_strength is None else noise_aug_strength
     min_g = d.min_guidance_scale if min_guidance_scale is None else min_guidance_scale
     max_g = d.max_guidance_scale if max_guidance_scale is None else max_guidance_scale
-    chunk = decode_chunk_size or d.decode_chunk_size
-    height, width = height or d.height, width or d.width
+    chunk = d.decode_chunk_size if decode_chunk_size is None else decode_chunk_size
+    height, width = d.height if height is None else height, d.width if width is None else width
+    for name, value in (("num_frames", num_frames), ("num_inference_steps", steps), ("decode_chunk_size", chunk)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
     _check_size(model, height, width)
     if seed is not None and generator is not None:
         raise ValueError("pass either seed or generator, not both")

@@ -84,6 +84,8 @@ def test_explicit_latents_equal_seeded_run(tiny):
 def test_bad_arguments(tiny):
     with pytest.raises(ValueError, match="multiples of 64"):
         generate(EXAMPLE, model=tiny, height=100, progress=False)
+    with pytest.raises(ValueError, match="num_frames must be a positive int"):
+        generate(EXAMPLE, model=tiny, num_frames=0, progress=False)
     with pytest.raises(ValueError, match="either seed or generator"):
         generate(EXAMPLE, model=tiny, seed=1, generator=torch.Generator(), progress=False)
     with pytest.raises(ValueError, match="latents must have shape"):
