@@ -36,7 +36,7 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     i = sub.add_parser("info", help="describe a checkpoint", description="Print a checkpoint's format, components, "
                                                                         "parameter counts and preset.")
-    i.add_argument("checkpoint", help="a .safetensors file, a diffusers folder or a preset name")
+    i.add_argument("checkpoint", help="a .safetensors file, a diffusers folder or a preset name (not downloaded)")
     return p
 
 

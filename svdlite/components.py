@@ -263,7 +263,17 @@ def load_model(model="svd-xt", *, device="cpu", dtype: torch.dtype = torch.float
 
 
 def describe(model) -> list[str]:
-    """Lines for `svdlite info`: format, preset, each component's tensors and parameters (nothing is loaded)."""
+    """Lines for `svdlite info`: format, preset, each component's tensors and parameters (nothing is loaded).
+
+    A downloadable preset's name is described from its definition, without downloading it."""
+    if isinstance(model, str) and model in PRESETS and PRESETS[model].repo_id:
+        from .hub import COMPONENT_FILES
+        p = PRESETS[model]
+        files = ", ".join(f"{folder}/{names[0]}" for folder, names, _ in COMPONENT_FILES)
+        return [f"preset: {p.name} (Hugging Face {p.repo_id}{', gated' if p.gated else ''})",
+                f"downloads: {files} (+ config.json each; fp32 files where no fp16 variant exists)",
+                f"original single file: {p.single_file}", f"sampling defaults: {p.sampling}",
+                "run `svdlite info PATH` on a downloaded or local checkpoint for its tensors and parameters"]
     path, preset = resolve_model_path(model)
     ms = open_model_source(path, preset)
     lines = [f"checkpoint: {path}", f"format: {ms.fmt}", f"preset: {ms.preset} (sampling defaults: "

@@ -94,3 +94,11 @@ def test_bad_arguments(tiny):
         generate(torch.full((3, TINY.height, TINY.width), 2.0), model=tiny, progress=False)
     with pytest.raises(ValueError, match="no such file or folder, and not a preset"):
         load_model("no-such-model")
+
+
+def test_info_on_a_preset_does_not_download(monkeypatch):
+    from svdlite.components import describe
+
+    monkeypatch.setattr("huggingface_hub.hf_hub_download", lambda *a, **k: pytest.fail("info downloaded"))
+    text = "\n".join(describe("svd-xt-1.1"))
+    assert "stabilityai/stable-video-diffusion-img2vid-xt-1-1, gated" in text and "num_frames=25" in text
