@@ -107,3 +107,9 @@ def transformers_from_openclip(
     for ours, theirs, kind in key_table(config):
         out.update(zip(theirs, _TRANSFORMS[kind][1](tensors[ours]), strict=True))
     return out
+
+
+def combiner(kind: str) -> Callable[..., torch.Tensor]:
+    """The table's transform `kind` as a function of the transformers tensors (in table order) -> OpenCLIP tensor."""
+    forward = _TRANSFORMS[kind][0]
+    return lambda *tensors: forward(list(tensors))

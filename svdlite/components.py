@@ -13,8 +13,8 @@ from torch import nn
 
 from . import clip_keymap, vae_keymap
 from .clip import CLIPVisionConfig, build_image_encoder
-from .loading import (SVDLITE_FORMAT, CheckpointError, Entry, TensorSource, _diffusers_unet_files, _source_names,
-                      _unet_file_keys, detect_unet_format, load_planned, unet_plan)
+from .loading import (SVDLITE_FORMAT, CheckpointError, Entry, TensorSource, diffusers_unet_files, original_source_names,
+                      unet_file_keys, detect_unet_format, load_planned, unet_plan)
 from .presets import PRESETS
 from .unet import UNetConfig, VideoUNet
 from .unet_keymap import ORIGINAL_PREFIX, unet_config_from_diffusers, unet_config_from_shapes
@@ -78,7 +78,7 @@ def open_model_source(path, preset: str | None = None, *, require_all: bool = Tr
     some of them; the missing ones are then absent from `files`."""
     path = Path(path)
     if path.is_dir():
-        unet_files = _diffusers_unet_files(path)
+        unet_files = diffusers_unet_files(path)
         parts = {"unet": unet_files, "vae": _first_file(path / "vae", DIFFUSERS_FILES["vae"]),
                  "image_encoder": _first_file(path / "image_encoder", DIFFUSERS_FILES["image_encoder"])}
         absent = [f"{k}/" for k, v in parts.items() if v is None]
@@ -176,7 +176,7 @@ def component_plan(ms: ModelSource, component: str, model: nn.Module) -> tuple[d
         return {k: Entry((prefix + k,)) for k in ours}, _with_prefix(keys, prefix), set()
     if component == "unet":
         plan = unet_plan(fmt, ms.unet_config, ours)
-        return plan, _unet_file_keys(fmt, keys), set(_source_names(fmt, ms.unet_config, ours).values())
+        return plan, unet_file_keys(fmt, keys), set(original_source_names(fmt, ms.unet_config, ours).values())
     if component == "vae_encoder":
         table = vae_keymap.encoder_key_map(ms.vae_config)
         if fmt == "original":
@@ -197,7 +197,7 @@ def component_plan(ms: ModelSource, component: str, model: nn.Module) -> tuple[d
         if fmt == "original":
             return ({k: Entry((clip_keymap.ORIGINAL_PREFIX + k,)) for k in ours},
                     _with_prefix(keys, clip_keymap.ORIGINAL_PREFIX), set())
-        plan = {ours_key: Entry(theirs, None if kind == "copy" else _clip_transform(kind))
+        plan = {ours_key: Entry(theirs, None if kind == "copy" else clip_keymap.combiner(kind))
                 for ours_key, theirs, kind in clip_keymap.key_table(ms.clip_config)}
         return plan, set(keys), set(clip_keymap.IGNORED_TRANSFORMERS_KEYS)
     raise ValueError(f"unknown component {component!r}; expected one of {COMPONENTS}")
@@ -208,11 +208,6 @@ def _reshape(key: str):
     if vae_keymap.to_original_shape(key, torch.empty(1, 1, device="meta")).ndim == 4:
         return lambda t: vae_keymap.to_original_shape(key, t)
     return None
-
-
-def _clip_transform(kind: str):
-    forward = clip_keymap._TRANSFORMS[kind][0]
-    return lambda *tensors: forward(list(tensors))
 
 
 def build_component(component: str, ms: ModelSource, fold_cross_attention: bool = True) -> nn.Module:

@@ -59,7 +59,7 @@ class TensorSource:
             raise CheckpointError(f"{self.key_file[key]}: cannot read tensor {key!r} ({err}); truncated file?") from err
 
 
-def _diffusers_unet_files(folder: Path) -> list[Path] | None:
+def diffusers_unet_files(folder: Path) -> list[Path] | None:
     unet = folder / "unet" if (folder / "unet").is_dir() else folder
     for name in DIFFUSERS_UNET_FILES:
         if (unet / name).is_file():
@@ -75,7 +75,7 @@ def open_unet_source(source) -> tuple[TensorSource, str]:
     """Open a UNet checkpoint and detect its format: returns (source, 'original' | 'diffusers' | 'svdlite')."""
     path = Path(source)
     if path.is_dir():
-        files = _diffusers_unet_files(path)
+        files = diffusers_unet_files(path)
         if files is None:
             raise CheckpointError(f"{path} is a folder without a diffusers UNet (expected unet/{DIFFUSERS_UNET_FILES[0]} "
                                   "or .fp16 variant, or a sharded index)")
@@ -105,7 +105,7 @@ def detect_unet_format(src: TensorSource, path) -> str:
     return fmt
 
 
-def _source_names(fmt: str, config: UNetConfig, svdlite_keys) -> dict[str, str]:
+def original_source_names(fmt: str, config: UNetConfig, svdlite_keys) -> dict[str, str]:
     """{original sgm key (unprefixed): key in the file} for every original tensor of this network."""
     keys = original_unet_keys(svdlite_keys)
     if fmt == "original":
@@ -119,7 +119,7 @@ def unet_read_plan(fmt: str, config: UNetConfig, expected: dict[str, tuple]) -> 
     """{svdlite key: file keys it is computed from}; folded tensors come from two attn2 tensors."""
     if fmt == SVDLITE_FORMAT:
         return {k: (SVDLITE_UNET_PREFIX + k,) for k in expected}
-    names = _source_names(fmt, config, expected)
+    names = original_source_names(fmt, config, expected)
     return {k: tuple(names[s] for s in fold_sources(k)) for k in expected}
 
 
@@ -130,7 +130,7 @@ def expected_unet_source_keys(fmt: str, config: UNetConfig = UNetConfig()) -> se
     return {s for srcs in unet_read_plan(fmt, config, shapes).values() for s in srcs}
 
 
-def _unet_file_keys(fmt: str, keys: set[str]) -> set[str]:
+def unet_file_keys(fmt: str, keys: set[str]) -> set[str]:
     if fmt == "original":
         return {k for k in keys if k.startswith(ORIGINAL_PREFIX)}
     if fmt == SVDLITE_FORMAT:
@@ -231,9 +231,9 @@ def load_unet(source, config: UNetConfig | None = None, *, device="cpu", dtype: 
     with torch.device("meta"):
         model = VideoUNet(config, fold_cross_attention=fold_cross_attention)
     plan = unet_plan(fmt, config, model.state_dict())
-    ignored = set(_source_names(fmt, config, model.state_dict()).values()) if fmt != SVDLITE_FORMAT else set()
+    ignored = set(original_source_names(fmt, config, model.state_dict()).values()) if fmt != SVDLITE_FORMAT else set()
     label = (f"{fmt}-format UNet ({src.files[0].name}) for UNetConfig(model_channels={config.model_channels}, "
              f"channel_mult={config.channel_mult}, context_dim={config.context_dim})")
-    load_planned(model, src, plan, scope=_unet_file_keys(fmt, src.keys()), ignored=ignored, dtype=dtype,
+    load_planned(model, src, plan, scope=unet_file_keys(fmt, src.keys()), ignored=ignored, dtype=dtype,
                  device=device, label=label)
     return (model, src) if return_source else model
