@@ -116,6 +116,11 @@ def open_model_source(path, preset: str | None = None, *, require_all: bool = Tr
                            CLIPVisionConfig(**json.loads(meta["clip_config"])), preset or meta.get("preset", "svd-xt"),
                            path)
     keys = src.keys()
+    decoder_keys = [k for k in keys if k.startswith(vae_keymap.DECODER_PREFIX)]
+    if decoder_keys and not any(".time_stack." in k or "time_mix_conv" in k for k in decoder_keys):
+        raise CheckpointError(f"{path}: its VAE decoder ({vae_keymap.DECODER_PREFIX}*) has no temporal layers: this is "
+                              "an *_image_decoder variant (per-frame 2-D decoder), which svdlite does not support; "
+                              "use svd.safetensors / svd_xt.safetensors / svd_xt_1_1.safetensors")
     for what, prefix in () if not require_all else (("VAE decoder", vae_keymap.DECODER_PREFIX), ("VAE encoder", vae_keymap.ENCODER_PREFIX),
                          ("CLIP image encoder", clip_keymap.ORIGINAL_PREFIX)):
         if not any(k.startswith(prefix) for k in keys):
