@@ -128,7 +128,9 @@ def make_denoiser(model: SVDModel, batch, num_frames: int, min_g: float, max_g: 
     unet = model.unet
     vectors_both = unet.context_vectors(batch.context.to(dtype), num_frames)
     half = batch.context.shape[0] // 2
-    vectors_cond = unet.context_vectors(batch.context[half:].to(dtype), num_frames)
+    # the conditional half's vectors are the second half of every (per-frame, per-video) vector: [uncond; cond]
+    vectors_cond = {name: [(s[s.shape[0] // 2:], t[t.shape[0] // 2:]) for s, t in per_depth]
+                    for name, per_depth in vectors_both.items()}
 
     def network(vectors, y):
         def run(net_in, c_noise):
