@@ -214,18 +214,19 @@ def _stored_config(src: TensorSource, fmt: str) -> UNetConfig:
 
 
 def load_unet(source, config: UNetConfig | None = None, *, device="cpu", dtype: torch.dtype = torch.float32,
-              fold_cross_attention: bool = True, return_source: bool = False):
+              fold_cross_attention: bool | str = True, return_source: bool = False):
     """Build `VideoUNet` on the meta device and load it strictly from `source` (file or folder, format detected).
 
     config: the network; by default the one the checkpoint declares (svdlite metadata, diffusers config.json),
     else SVD's (`UNetConfig()`).
     Cross-attention weights are folded while loading; attn2 `to_q`/`to_k` are never read.
-    fold_cross_attention=False (ablation only) loads the original attn2 weights and computes them at every call.
+    fold_cross_attention=False (ablation only) loads the original attn2 weights and computes them at every call;
+    "temporal" folds only the temporal blocks' (the VCUT paper's variant).
     """
     src, fmt = open_unet_source(source)
     if config is None:
         config = _stored_config(src, fmt)
-    if not fold_cross_attention and fmt == SVDLITE_FORMAT:
+    if fold_cross_attention is not True and fmt == SVDLITE_FORMAT:
         raise CheckpointError(f"{src.files[0]} is an svdlite file, which holds only the folded cross-attention; the "
                               "unfolded ablation needs an original or diffusers checkpoint")
     with torch.device("meta"):

@@ -54,12 +54,16 @@ def test_every_block(unet, io, reference):
         torch.testing.assert_close(got[key], ref, atol=ATOL, rtol=RTOL, msg=lambda m, key=key: f"{key}: {m}")
 
 
-def test_unfolded_ablation_matches_too(reference, io):
-    """The ablation (original cross-attention at every call) is the same function as the fold."""
+@pytest.mark.parametrize("fold", [False, "temporal"])
+def test_unfolded_ablation_matches_too(reference, io, fold):
+    """The ablation (original cross-attention at every call) and the paper's temporal-only fold are the same
+    function as svdlite's full fold."""
     config = UNetConfig.from_dict(reference.json("unet_tiny_config.json")["params"])
-    unet, src = load_unet(reference.weights("unet_tiny_sgm.safetensors"), config, fold_cross_attention=False,
+    unet, src = load_unet(reference.weights("unet_tiny_sgm.safetensors"), config, fold_cross_attention=fold,
                           return_source=True)
-    assert any(".attn2.to_q." in k for k in src.reads)
+    queries = [k for k in src.reads if ".attn2.to_q." in k]
+    assert any(".transformer_blocks." in k for k in queries)  # spatial attn2 unfolded in both
+    assert any(".time_stack." in k for k in queries) == (fold is False)  # temporal attn2 folded for "temporal"
     with torch.no_grad():
         out = unet(io["x"], io["timesteps"], io["varctx.context"],
                    io["varctx.y"], int(io["num_video_frames"]), io["image_only_indicator"])
