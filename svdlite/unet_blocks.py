@@ -57,61 +57,54 @@ class VideoResBlock(ResBlock):
         return rearrange(x, "b c t h w -> (b t) c h w")
 
 
-def _cross_attention(block: nn.Module, dim, heads, dim_head, context_dim, fold: bool) -> None:
-    block.fold = fold
-    if fold:
-        block.attn2_fold = nn.Linear(context_dim, dim)  # W_out W_v and b_out of the original attn2
-    else:
-        block.attn2 = CrossAttention(dim, context_dim, heads, dim_head)
-
-
-class BasicTransformerBlock(nn.Module):
-    """Spatial block over the h*w tokens of each frame: self-attention, folded cross-attention, GEGLU FF."""
+class _TransformerBlock(nn.Module):
+    """What the spatial and temporal blocks share: attn1, the (folded) cross-attention, ff and norm1-3."""
 
     def __init__(self, dim: int, heads: int, dim_head: int, context_dim: int, fold: bool = True):
         super().__init__()
+        self.fold = fold
         self.attn1 = SelfAttention(dim, heads, dim_head)
-        _cross_attention(self, dim, heads, dim_head, context_dim, fold)
+        if fold:
+            self.attn2_fold = nn.Linear(context_dim, dim)  # W_out W_v and b_out of the original attn2
+        else:
+            self.attn2 = CrossAttention(dim, context_dim, heads, dim_head)
         self.ff = FeedForward(dim)
         self.norm1, self.norm2, self.norm3 = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
 
     def context_vector(self, token: torch.Tensor) -> torch.Tensor:
-        """attn2's output for a single context token: (n, context_dim) -> (n, dim)."""
+        """attn2's output for a single context token: (n, context_dim) -> (n, dim); the token itself unfolded."""
         return self.attn2_fold(token) if self.fold else token
+
+
+class BasicTransformerBlock(_TransformerBlock):
+    """Spatial block over the h*w tokens of each frame: self-attention, folded cross-attention, GEGLU FF."""
 
     def forward(self, x: torch.Tensor, ctx_vec: torch.Tensor) -> torch.Tensor:
         """x: ((b t), h*w, C); ctx_vec: ((b t), C), one per frame."""
         x = self.attn1(self.norm1(x)) + x
-        if self.fold:
-            x = x + ctx_vec[:, None, :].to(x.dtype)
-        else:
-            x = self.attn2(self.norm2(x), ctx_vec[:, None, :].to(x.dtype)) + x
+        ctx = ctx_vec[:, None, :].to(x.dtype)
+        x = x + ctx if self.fold else self.attn2(self.norm2(x), ctx) + x
         return self.ff(self.norm3(x)) + x
 
 
-class VideoTransformerBlock(nn.Module):
+class VideoTransformerBlock(_TransformerBlock):
     """Temporal block over the T frames at each position: ff_in, self-attention, folded cross-attention, FF."""
 
     def __init__(self, dim: int, heads: int, dim_head: int, context_dim: int, fold: bool = True):
-        super().__init__()
+        super().__init__(dim, heads, dim_head, context_dim, fold)
         self.norm_in = nn.LayerNorm(dim)
         self.ff_in = FeedForward(dim)
-        self.attn1 = SelfAttention(dim, heads, dim_head)
-        _cross_attention(self, dim, heads, dim_head, context_dim, fold)
-        self.ff = FeedForward(dim)
-        self.norm1, self.norm2, self.norm3 = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
-
-    def context_vector(self, token: torch.Tensor) -> torch.Tensor:
-        return self.attn2_fold(token) if self.fold else token
 
     def forward(self, x: torch.Tensor, ctx_vec: torch.Tensor, num_frames: int) -> torch.Tensor:
         """x: ((b t), S, C); ctx_vec: (b, C), one per video (from its first frame's token)."""
-        s = x.shape[1]
+        b, s = x.shape[0] // num_frames, x.shape[1]
         x = rearrange(x, "(b t) s c -> (b s) t c", t=num_frames)
         x = self.ff_in(self.norm_in(x)) + x
         x = self.attn1(self.norm1(x)) + x
-        ctx = ctx_vec.to(x.dtype).repeat_interleave(s, dim=0)[:, None, :]  # frame 0's vector at every position
-        x = x + ctx if self.fold else self.attn2(self.norm2(x), ctx) + x
+        if self.fold:  # frame 0's vector at every position and frame, broadcast without a copy
+            x = (x.view(b, s, num_frames, -1) + ctx_vec.to(x.dtype)[:, None, None, :]).view_as(x)
+        else:  # sgm repeats frame 0's token over the positions and attends to it
+            x = self.attn2(self.norm2(x), ctx_vec.to(x.dtype).repeat_interleave(s, dim=0)[:, None, :]) + x
         x = self.ff(self.norm3(x)) + x
         return rearrange(x, "(b s) t c -> (b t) s c", s=s)
 
