@@ -104,31 +104,28 @@ def write_svdlite(out: Path, tensors: dict[str, torch.Tensor], metadata: dict[st
 def convert(ms: ModelSource, out: Path, *, dtype: torch.dtype = torch.float16, force: bool = False,
             log=print) -> dict:
     """Convert the components `ms` holds into an svdlite file at `out`; returns a summary dict."""
+    if ms.preset not in PRESETS:
+        raise ValueError(f"unknown preset {ms.preset!r}; expected one of {sorted(PRESETS)}")
     components = present_components(ms)
     if "unet" not in components:
         raise CheckpointError(f"{ms.path} holds no SVD UNet; nothing to convert")
     absent = [c for c in COMPONENTS if c not in components]
     for c in absent:
         log(f"warning: {ms.path} has no {c}; the converted file will not have it either (generation needs all four)")
-    tensors, read, counts = {}, set(), {}
+    tensors, counts = {}, {}
     for component in components:
         model = build_component(component, ms)
         plan, scope, ignored = component_plan(ms, component, model)
-        src = ms.files[component]
-        before = len(src.reads)
-        load_planned(model, src, plan, scope=scope, ignored=ignored, dtype=dtype, device="cpu",
+        load_planned(model, ms.files[component], plan, scope=scope, ignored=ignored, dtype=dtype, device="cpu",
                      label=f"{ms.fmt}-format {component} ({ms.path})")
-        read |= {(id(src), k) for k in src.reads[before:]}
         state = model.state_dict()
         counts[component] = sum(v.numel() for v in state.values())
         tensors.update({SVDLITE_PREFIXES[component] + k: v.contiguous() for k, v in state.items()})
         log(f"{component}: {len(state)} tensors, {counts[component]:,} parameters")
     dropped: dict[str, int] = {}
-    for src in {id(s): s for s in ms.files.values()}.values():
-        for key in src.keys() - {k for i, k in read if i == id(src)}:
-            reason = dropped_reason(key) if ms.fmt == "original" else (
-                "cross-attention to_q/to_k (no effect: softmax over one CLIP token is 1)"
-                if key.endswith(("to_q.weight", "to_k.weight")) and "attn2" in key else "not used by svdlite")
+    for src in {id(s): s for s in ms.files.values()}.values():  # components may share one file
+        for key in src.keys() - set(src.reads):  # TensorSource records every tensor it read
+            reason = dropped_reason(key)
             dropped[reason] = dropped.get(reason, 0) + 1
     for reason, n in sorted(dropped.items()):
         log(f"dropped {n} tensors: {reason}")
@@ -136,8 +133,6 @@ def convert(ms: ModelSource, out: Path, *, dtype: torch.dtype = torch.float16, f
     metadata = {**config_metadata(ms, components), "preset": ms.preset, "source": ms.path.name,
                 "source_sha256": sha256_of(source_files), "svdlite_version": __version__,
                 "dtype": str(dtype).removeprefix("torch.")}
-    if ms.preset not in PRESETS:
-        raise ValueError(f"unknown preset {ms.preset!r}")
     write_svdlite(out, tensors, metadata, force=force)
     log(f"wrote {out} ({sum(counts.values()):,} parameters, {', '.join(components)})")
     return {"components": components, "params": counts, "dropped": dropped, "metadata": metadata}
