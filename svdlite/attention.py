@@ -14,10 +14,15 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor
     return F.scaled_dot_product_attention(q, k, v)
 
 
+def attention_probabilities(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """The explicit attention map softmax(q k^T / sqrt(d)) in float32: (batch, heads, queries, keys)."""
+    scores = torch.einsum("bhid,bhjd->bhij", q.float(), k.float()) * q.shape[-1] ** -0.5
+    return scores.softmax(dim=-1)
+
+
 def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """The same product computed explicitly in float32 (sgm `CrossAttention` with softmax); for tests."""
-    scores = torch.einsum("bhid,bhjd->bhij", q.float(), k.float()) * q.shape[-1] ** -0.5
-    return torch.einsum("bhij,bhjd->bhid", scores.softmax(dim=-1), v.float()).type(q.dtype)
+    return torch.einsum("bhij,bhjd->bhid", attention_probabilities(q, k), v.float()).type(q.dtype)
 
 
 class SelfAttention(nn.Module):
@@ -35,6 +40,12 @@ class SelfAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q, k, v = (rearrange(f(x), "b n (h d) -> b h n d", h=self.heads) for f in (self.to_q, self.to_k, self.to_v))
         return self.to_out(rearrange(attention(q, k, v), "b h n d -> b n (h d)"))
+
+    def probabilities(self, x: torch.Tensor) -> torch.Tensor:
+        """The explicit attention map softmax(q k^T / sqrt(d)) in float32, (b, heads, n, n); the fused kernel of
+        `forward` never forms it. For statistics (F3 calibration), not for the forward pass."""
+        q, k = (rearrange(f(x), "b n (h d) -> b h n d", h=self.heads) for f in (self.to_q, self.to_k))
+        return attention_probabilities(q, k)
 
 
 class CrossAttention(SelfAttention):

@@ -5,7 +5,9 @@ same weights, image, `latents` (or seed) and settings, the frames equal diffuser
 Randomness comes only from one CPU `torch.Generator`, drawn in diffusers' order: the condition image's noise
 augmentation, then the initial latents.
 """
+import dataclasses
 import math
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +18,9 @@ from . import sampling
 from .clip import encode_image
 from .components import SVDModel, load_model
 from .conditioning import augment_condition_image, cfg_batch, fps_id_from_fps, micro_conditioning
+from .f3 import STATISTICS, as_schedule, unet_identity
+from .plan import Plan, Step, build_plan
+from .presets import SamplingConfig
 from .vae import decode_latents
 from .video import Video, to_uint8_frames
 
@@ -59,97 +64,179 @@ def _check_size(model: SVDModel, height: int, width: int) -> None:
         raise ValueError(f"height and width must be positive multiples of {multiple}, got {height}x{width}")
 
 
+def resolve_settings(model: SVDModel, **overrides) -> SamplingConfig:
+    """The preset's sampling defaults with the given (non-None) values in their place, checked."""
+    for name, value in overrides.items():
+        if name in ("num_frames", "num_inference_steps", "decode_chunk_size") and value is not None and (
+                isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    s = dataclasses.replace(model.sampling, **{k: v for k, v in overrides.items() if v is not None})
+    _check_size(model, s.height, s.width)
+    return s
+
+
+def noise_schedule(num_steps: int | None, schedule: str = "edm", sigmas=None, default_steps: int = 25
+                   ) -> tuple[torch.Tensor, str]:
+    """(sigmas (n + 1,) float32 with a final 0, the schedule's name) for a run.
+
+    schedule "edm" (default): the EDM schedule of SVD, num_steps (else default_steps, the preset's) steps. "ays":
+    Align Your Steps, 10 steps unless num_steps says otherwise. Explicit `sigmas` (any descending list) override
+    both; num_steps must then agree."""
+    if num_steps is not None and (isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1):
+        raise ValueError(f"num_inference_steps must be a positive int, got {num_steps!r}")
+    if sigmas is not None:
+        sigmas = sampling.check_sigmas(sigmas)
+        if num_steps is not None and num_steps != len(sigmas) - 1:
+            raise ValueError(f"num_inference_steps={num_steps} disagrees with the {len(sigmas) - 1} steps of sigmas")
+        return sigmas, "custom"
+    if schedule == "edm":
+        return sampling.edm_sigmas(default_steps if num_steps is None else num_steps), "edm"
+    if schedule == "ays":
+        return sampling.ays_sigmas(10 if num_steps is None else num_steps), "ays"
+    raise ValueError(f"unknown noise schedule {schedule!r}; expected 'edm' or 'ays' (or pass sigmas=)")
+
+
+def make_plan(model: SVDModel, s: SamplingConfig, sigmas: torch.Tensor, *, schedule_name: str = "edm",
+              guidance_cut_step: int | None = None, f3_schedule=None, f3_ratio: float = 0.0,
+              f3_statistic: str = "attention", cache_interval: int = 1, cache_depth: int | None = None) -> Plan:
+    """The one per-step plan for these options (plan.py); checks an F3 schedule against the model and settings."""
+    if f3_statistic not in STATISTICS:
+        raise ValueError(f"unknown f3_statistic {f3_statistic!r}; expected one of {STATISTICS}")
+    skip = None
+    if f3_schedule is None:
+        if f3_ratio:
+            raise ValueError(f"f3_ratio={f3_ratio!r} needs an f3_schedule (make one with svdlite calibrate)")
+    else:
+        f3_schedule = as_schedule(f3_schedule)
+        f3_schedule.num_skipped(f3_ratio)  # validates the ratio before the identity check's work
+        settings = run_settings(s, len(sigmas) - 1, schedule_name)
+        for message in f3_schedule.check(model.unet.temporal_units(), unet_identity(model.unet), settings):
+            warnings.warn(message, stacklevel=3)
+        skip = f3_schedule.skip_sets(f3_ratio, f3_statistic)
+    if cache_depth is not None and cache_depth >= len(model.unet.output_blocks):
+        raise ValueError(f"cache_depth must be below {len(model.unet.output_blocks)} (the UNet's output blocks), "
+                         f"got {cache_depth}")
+    return build_plan(sigmas, guidance=s.max_guidance_scale > 1, guidance_cut_step=guidance_cut_step,
+                      skip_temporal=skip, cache_interval=cache_interval, cache_depth=cache_depth)
+
+
+def run_settings(s: SamplingConfig, num_steps: int, schedule_name: str) -> dict:
+    """The settings an F3 schedule records and is checked against."""
+    keys = ("num_frames", "height", "width", "min_guidance_scale", "max_guidance_scale", "fps", "motion_bucket_id",
+            "noise_aug_strength")
+    return {k: getattr(s, k) for k in keys} | {"num_inference_steps": num_steps, "schedule": schedule_name}
+
+
 @torch.no_grad()
 def generate(image, *, model="svd-xt", num_frames: int | None = None, num_inference_steps: int | None = None,
              fps: int | None = None, motion_bucket_id: int | None = None, noise_aug_strength: float | None = None,
              min_guidance_scale: float | None = None, max_guidance_scale: float | None = None,
              decode_chunk_size: int | None = None, height: int | None = None, width: int | None = None,
              seed: int | None = None, generator: torch.Generator | None = None, latents: torch.Tensor | None = None,
-             guidance_cut_step: int | None = None, device="cpu", dtype: torch.dtype = torch.float32,
+             guidance_cut_step: int | None = None, f3_schedule=None, f3_ratio: float = 0.0,
+             f3_statistic: str = "attention", cache_interval: int = 1, cache_depth: int | None = None,
+             schedule: str = "edm", sigmas=None, device="cpu", dtype: torch.dtype = torch.float32,
              progress: bool = True, token: str | None = None) -> Video:
     """Generate a video from one image. Unset arguments take the preset's defaults (`model.sampling`).
 
     model: an `SVDModel` from `load_model`, or anything `load_model` takes (preset name, file, folder).
     fps: the frame rate; the model is conditioned on fps - 1 (fps=7 reproduces sgm's official script).
     latents: the initial noise at unit variance, (num_frames, 4, height/8, width/8), as diffusers takes it.
-    guidance_cut_step: from this step on only the conditional branch runs (approximate; None = exact).
+    Approximate options (all off by default, each off-position exact; they form one per-step plan, plan.py):
+      guidance_cut_step: from this step on only the conditional branch runs;
+      f3_schedule, f3_ratio, f3_statistic: F3-Pruning, skip the lowest-ranked ratio of the calibrated temporal
+        units (`calibrate_f3`; f3.py);
+      cache_interval, cache_depth: step caching (DeepCache), the deep features reused for N - 1 of every N steps;
+      schedule ("edm" | "ays") or sigmas: the noise schedule ("ays": Align Your Steps, 10 steps by default).
     Returns a `Video` (uint8 frames, fps) whose `latents` are the final denoised latents.
     """
     if not isinstance(model, SVDModel):
         model = load_model(model, device=device, dtype=dtype, token=token)
-    d = model.sampling
-    num_frames = d.num_frames if num_frames is None else num_frames
-    steps = d.num_inference_steps if num_inference_steps is None else num_inference_steps
-    fps = d.fps if fps is None else fps
-    motion_bucket_id = d.motion_bucket_id if motion_bucket_id is None else motion_bucket_id
-    aug = d.noise_aug_strength if noise_aug_strength is None else noise_aug_strength
-    min_g = d.min_guidance_scale if min_guidance_scale is None else min_guidance_scale
-    max_g = d.max_guidance_scale if max_guidance_scale is None else max_guidance_scale
-    chunk = d.decode_chunk_size if decode_chunk_size is None else decode_chunk_size
-    height, width = d.height if height is None else height, d.width if width is None else width
-    for name, value in (("num_frames", num_frames), ("num_inference_steps", steps), ("decode_chunk_size", chunk)):
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
-    _check_size(model, height, width)
+    sigmas, schedule_name = noise_schedule(num_inference_steps, schedule, sigmas, model.sampling.num_inference_steps)
+    s = resolve_settings(model, num_frames=num_frames, num_inference_steps=len(sigmas) - 1, fps=fps,
+                         motion_bucket_id=motion_bucket_id, noise_aug_strength=noise_aug_strength,
+                         min_guidance_scale=min_guidance_scale, max_guidance_scale=max_guidance_scale,
+                         decode_chunk_size=decode_chunk_size, height=height, width=width)
+    plan = make_plan(model, s, sigmas, schedule_name=schedule_name, guidance_cut_step=guidance_cut_step,
+                     f3_schedule=f3_schedule, f3_ratio=f3_ratio, f3_statistic=f3_statistic,
+                     cache_interval=cache_interval, cache_depth=cache_depth)
+    generator = make_generator(seed, generator)
+    x = sample(model, image, s, plan, generator=generator, latents=latents, device=device, dtype=dtype,
+               progress=progress)
+    frames = decode(model, x, s.num_frames, s.decode_chunk_size, progress)
+    return Video(to_uint8_frames(frames), float(s.fps), latents=x.cpu())
+
+
+def make_generator(seed: int | None, generator: torch.Generator | None) -> torch.Generator:
     if seed is not None and generator is not None:
         raise ValueError("pass either seed or generator, not both")
-    if generator is None:
-        generator = torch.Generator().manual_seed(seed if seed is not None else torch.seed())
-    if guidance_cut_step is not None and not 0 <= guidance_cut_step <= steps:
-        raise ValueError(f"guidance_cut_step must be in [0, {steps}], got {guidance_cut_step}")
-    dev = torch.device(device)
+    return generator if generator is not None else torch.Generator().manual_seed(
+        seed if seed is not None else torch.seed())
 
-    pixels = load_image(image, height, width).to(dev)
+
+def sample(model: SVDModel, image, s: SamplingConfig, plan: Plan, *, generator: torch.Generator,
+           latents: torch.Tensor | None = None, device="cpu", dtype: torch.dtype = torch.float32,
+           progress: bool = False, record: dict | None = None) -> torch.Tensor:
+    """Condition on the image and run the plan's sampling loop: the final latents ((frames, 4, h/8, w/8), fp32).
+
+    record: a dict that receives {step: {unit: {"attention", "contribution"}}} (F3 calibration)."""
+    dev = torch.device(device)
+    pixels = load_image(image, s.height, s.width).to(dev)
     image_embeds = encode_image(model.image_encoder, pixels).float()  # preprocesses (224 resize, CLIP norm)
-    cond_pixels = augment_condition_image(pixels, aug, generator)
+    cond_pixels = augment_condition_image(pixels, s.noise_aug_strength, generator)
     cond_latent = model.vae_encoder(cond_pixels).float()
-    latent_shape = (num_frames, cond_latent.shape[1], *cond_latent.shape[-2:])
+    latent_shape = (s.num_frames, cond_latent.shape[1], *cond_latent.shape[-2:])
     if latents is None:
         latents = torch.randn(latent_shape, generator=generator, device=generator.device)
     elif tuple(latents.shape) != latent_shape:
         raise ValueError(f"latents must have shape {latent_shape}, got {tuple(latents.shape)}")
-    vector = micro_conditioning(fps_id_from_fps(fps), motion_bucket_id, aug, 1, device=dev)
-    batch = cfg_batch(image_embeds, cond_latent, vector, num_frames)
-    sigmas = sampling.edm_sigmas(steps, device=dev)
+    vector = micro_conditioning(fps_id_from_fps(s.fps), s.motion_bucket_id, s.noise_aug_strength, 1, device=dev)
+    batch = cfg_batch(image_embeds, cond_latent, vector, s.num_frames)
+    sigmas = plan.sigmas_tensor(dev)
     x = sampling.initial_latents(latents.to(dev, torch.float32), sigmas)
-    denoise = make_denoiser(model, batch, num_frames, min_g, max_g, sigmas, guidance_cut_step, dtype)
-    with tqdm(total=steps, desc="denoising", disable=not progress) as bar:
-        x = sampling.sample_euler_edm(denoise, x, sigmas, callback=lambda info: bar.update(1))
-    frames = decode(model, x, num_frames, chunk, progress)
-    return Video(to_uint8_frames(frames), float(fps), latents=x.cpu())
+    denoise = make_denoiser(model, batch, s.num_frames, s.min_guidance_scale, s.max_guidance_scale, plan.cache_depth,
+                            dtype, record)
+    with tqdm(total=plan.num_steps, desc="denoising", disable=not progress) as bar:
+        return sampling.sample_euler_edm(denoise, x, sigmas, steps=plan.steps, callback=lambda info: bar.update(1))
 
 
-def make_denoiser(model: SVDModel, batch, num_frames: int, min_g: float, max_g: float, sigmas: torch.Tensor,
-                  guidance_cut_step: int | None, dtype: torch.dtype):
-    """The guided denoiser D(x, sigma), with every cross-attention vector computed here, once per video.
+def make_denoiser(model: SVDModel, batch, num_frames: int, min_g: float, max_g: float, cache_depth: int | None,
+                  dtype: torch.dtype, record: dict | None = None):
+    """The planned denoiser `denoise(x, sigma, step, carry) -> (D, carry)` for `sampling.sample_euler_edm`.
 
-    Guidance runs both halves [uncond; cond] (skipped, as in diffusers, when max_guidance_scale <= 1); from
-    `guidance_cut_step` on (sigma <= sigmas[K]) only the conditional half runs."""
+    Every cross-attention vector is computed here, once per video. A guided step runs both halves [uncond; cond]
+    and applies the per-frame guidance; otherwise only the conditional half runs. The step's skipped temporal
+    units and cache mode go to the UNet as arguments; `carry` is the deep features of the last refreshing step
+    (a guided step's features serve a later conditional-only step through their conditional half)."""
     unet = model.unet
     vectors_both = unet.context_vectors(batch.context.to(dtype), num_frames)
     half = batch.context.shape[0] // 2
     # the conditional half's vectors are the second half of every (per-frame, per-video) vector: [uncond; cond]
     vectors_cond = {name: [(s[s.shape[0] // 2:], t[t.shape[0] // 2:]) for s, t in per_depth]
                     for name, per_depth in vectors_both.items()}
+    scales = sampling.frame_guidance_scales(num_frames, min_g, max_g)
 
-    def network(vectors, y):
-        def run(net_in, c_noise):
-            return unet(net_in.to(dtype), c_noise, None, y.to(dtype), num_frames, context_vectors=vectors).float()
-        return run
+    def denoise(x, sigma, step: Step, carry):
+        vectors, y, concat = ((vectors_both, batch.vector, batch.concat) if step.guided else
+                              (vectors_cond, batch.vector[half:], batch.concat[half:]))
+        rows = concat.shape[0]
+        cached = None
+        if step.cache == "reuse":
+            cached = carry if carry.shape[0] == rows else carry[carry.shape[0] - rows:]  # the conditional half
+        kept = {}
 
-    conditional = network(vectors_cond, batch.vector[half:])
-    if max_g <= 1:
-        return lambda x, sigma: sampling.edm_denoise(conditional, x, sigma, batch.concat[half:])
-    guided = sampling.make_cfg_denoiser(network(vectors_both, batch.vector), batch.concat,
-                                        sampling.frame_guidance_scales(num_frames, min_g, max_g))
-    if guidance_cut_step is None or guidance_cut_step >= len(sigmas) - 1:
-        return guided
-    cut_sigma = sigmas[guidance_cut_step]
+        def network(net_in, c_noise):
+            options = {} if step.cache is None else {"cache_depth": cache_depth, "cached": cached}
+            out = unet(net_in.to(dtype), c_noise, None, y.to(dtype), num_frames, context_vectors=vectors,
+                       skip_temporal=step.skip_temporal,
+                       record=None if record is None else record.setdefault(step.index, {}), **options)
+            if step.cache is not None:
+                out, kept["features"] = out
+            return out.float()
 
-    def denoise(x, sigma):
-        if sigma <= cut_sigma:
-            return sampling.edm_denoise(conditional, x, sigma, batch.concat[half:])
-        return guided(x, sigma)
+        if step.guided:
+            return sampling.make_cfg_denoiser(network, concat, scales)(x, sigma), kept.get("features")
+        return sampling.edm_denoise(network, x, sigma, concat), kept.get("features")
 
     return denoise
 

@@ -13,7 +13,7 @@ Layout: latents are `(b t) c h w` (frames of one video contiguous), as in sgm an
 seen here: callers pass `network(net_in, c_noise) -> F`, typically a closure over the UNet and its
 precomputed conditioning.
 """
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from einops import rearrange
@@ -40,6 +40,46 @@ def edm_sigmas(num_steps: int, sigma_min: float = 0.002, sigma_max: float = 700.
     max_inv_rho = sigma_max ** (1 / rho)
     sigmas = (max_inv_rho + ramp * (min_inv_rho - max_inv_rho)) ** rho
     return torch.cat([sigmas, sigmas.new_zeros([1])])
+
+
+# Align Your Steps (Sabour et al., ICML 2024): NVIDIA's optimised 10-step noise levels for SVD. The last level
+# (sigma_min) is replaced by 0, giving diffusers' `AysSchedules["StableDiffusionVideoSigmas"]`.
+AYS_SVD = (700.0, 54.5, 15.886, 7.977, 4.248, 1.789, 0.981, 0.403, 0.173, 0.034, 0.002)
+
+
+def ays_sigmas(num_steps: int = 10, device: torch.device | str | None = None) -> torch.Tensor:
+    """Align Your Steps noise levels for SVD, descending, with a final 0: (num_steps + 1,) float32.
+
+    10 steps give the published list; other counts interpolate its 11 levels log-linearly onto num_steps + 1
+    evenly spaced points (the authors' `loglinear_interp`, also ComfyUI's AlignYourStepsScheduler), then the
+    last level is set to 0, as both do.
+    """
+    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
+        raise ValueError(f"num_steps must be an int >= 1, got {num_steps!r}")
+    levels = torch.tensor(AYS_SVD, dtype=torch.float64)
+    if num_steps + 1 != len(levels):
+        xs = torch.linspace(0, 1, len(levels), dtype=torch.float64)
+        ys = levels.flip(0).log()  # ascending in sigma, as the interpolation needs increasing abscissae
+        new_xs = torch.linspace(0, 1, num_steps + 1, dtype=torch.float64)
+        index = torch.searchsorted(xs, new_xs, right=True).clamp(1, len(xs) - 1)
+        x0, x1, y0, y1 = xs[index - 1], xs[index], ys[index - 1], ys[index]
+        levels = (y0 + (new_xs - x0) / (x1 - x0) * (y1 - y0)).exp().flip(0)
+    levels[-1] = 0.0
+    return levels.to(device=device, dtype=torch.float32)
+
+
+def check_sigmas(sigmas) -> torch.Tensor:
+    """A user's noise schedule as (n + 1,) float32: finite, strictly descending, positive but the last, which is
+    appended as 0 when it is not given."""
+    sigmas = torch.as_tensor(sigmas, dtype=torch.float32).flatten()
+    if not torch.isfinite(sigmas).all():
+        raise ValueError(f"sigmas must be finite, got {sigmas.tolist()}")
+    if sigmas.numel() and sigmas[-1] != 0:
+        sigmas = torch.cat([sigmas, sigmas.new_zeros(1)])
+    if sigmas.numel() < 2 or not (sigmas[:-1] > 0).all() or not (sigmas[1:] < sigmas[:-1]).all():
+        raise ValueError(f"sigmas must be positive and strictly descending (a final 0 is appended), got "
+                         f"{sigmas.tolist()}")
+    return sigmas
 
 
 def v_edm_scalings(sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -140,7 +180,7 @@ def make_cfg_denoiser(network: Network, concat: torch.Tensor, scales: torch.Tens
     return denoise
 
 
-def sample_euler_edm(denoise: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, *,
+def sample_euler_edm(denoise: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, *, steps: Sequence | None = None,
                      callback: Callable[[dict], None] | None = None) -> torch.Tensor:
     """Euler sampler of Karras et al. 2022 (EDM, Algorithm 2 without the Heun correction, s_churn = 0).
 
@@ -153,15 +193,24 @@ def sample_euler_edm(denoise: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, *
         denoise: (x (N, C, h, w), sigma ()) -> D, e.g. from `make_cfg_denoiser`.
         x: (N, C, h, w) initial latents, already scaled (`initial_latents`). Not modified.
         sigmas: (n + 1,) descending noise levels from `edm_sigmas`.
+        steps: n per-step plan entries (`plan.Plan.steps`). When given, the denoiser is called as
+            `denoise(x, sigma, steps[i], carry) -> (D, carry)`: `carry` starts as None and is whatever the previous
+            call returned (the step cache's features), so the cache lives in this loop, not in a module.
         callback: called after each step's denoiser call with dict(i=, sigma=, x=, denoised=), where x is the
             state entering step i (for traces and progress bars).
     Returns:
         (N, C, h, w) the final latents.
     """
     sigmas = sigmas.to(x.device)
+    if steps is not None and len(steps) != len(sigmas) - 1:
+        raise ValueError(f"{len(sigmas) - 1} steps need as many plan entries, got {len(steps)}")
+    carry = None
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        denoised = denoise(x, sigma)
+        if steps is None:
+            denoised = denoise(x, sigma)
+        else:
+            denoised, carry = denoise(x, sigma, steps[i], carry)
         if callback is not None:
             callback(dict(i=i, sigma=sigma, x=x, denoised=denoised))
         d = (x - denoised) / sigma  # sgm `to_d`

@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 from .layers import GroupNorm32, conv_nd, timestep_embedding
-from .unet_blocks import (Downsample, SpatialVideoTransformer, TimestepEmbedSequential, Upsample, VideoResBlock)
+from .unet_blocks import (Downsample, SpatialVideoTransformer, TimestepEmbedSequential, Upsample, VideoResBlock,
+                          VideoTransformerBlock)
 
 # Fixed by SVD's network; accepted in the config only with these values, so sgm's `params` load unchanged.
 _FIXED = {
@@ -176,29 +177,78 @@ class VideoUNet(nn.Module):
                 for name, block in self.named_blocks() for layer in block
                 if isinstance(layer, SpatialVideoTransformer)}
 
+    def temporal_units(self) -> list[str]:
+        """Module paths of the temporal transformer blocks (`<block>.<j>.time_stack.<d>`) in execution order: the
+        units F3-Pruning ranks and skips (16 in SVD's network)."""
+        return [name for name, m in self.named_modules() if isinstance(m, VideoTransformerBlock)]
+
+    def _per_block(self, units, what: str) -> dict[str, set[int]]:
+        """{block name: depth indices} for unit paths `<block>.<j>.time_stack.<d>`; unknown paths are an error."""
+        unknown = set(units) - set(self.temporal_units())
+        if unknown:
+            raise ValueError(f"{what}: {sorted(unknown)[:3]} are not temporal blocks of this network; its units are "
+                             f"{self.temporal_units()[:2]} ... ({len(self.temporal_units())} in all)")
+        out: dict[str, set[int]] = {}
+        for unit in units:
+            svt, d = unit.rsplit(".time_stack.", 1)
+            out.setdefault(svt.rsplit(".", 1)[0], set()).add(int(d))
+        return out
+
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor | None, y: torch.Tensor,
                 num_video_frames: int, image_only_indicator: torch.Tensor | None = None,
-                context_vectors: dict | None = None) -> torch.Tensor:
+                context_vectors: dict | None = None, *, skip_temporal=frozenset(), record: dict | None = None,
+                cache_depth: int | None = None, cached: torch.Tensor | None = None):
         """sgm VideoUNet.forward. x ((b t), in_channels, h, w); timesteps ((b t),) = c_noise; context ((b t), 1, D)
         (unused when `context_vectors` from `context_vectors()` are passed); y ((b t), adm_in_channels);
-        image_only_indicator (b, t), zeros (video) when None."""
+        image_only_indicator (b, t), zeros (video) when None.
+
+        The per-call options of the acceleration plan (svdlite.plan), all off by default (the exact network):
+        skip_temporal: unit paths from `temporal_units()` whose temporal block does not run (F3-Pruning); the
+            blend then keeps the spatial path alone (alpha = 1).
+        record: a dict to fill with {unit: {"attention", "contribution"}} for every temporal block that runs
+            (F3 calibration; costs an explicit softmax per block).
+        cache_depth: step caching (DeepCache). With `cached=None` the whole network runs and the call returns
+            (out, features): the features entering `output_blocks[n - 1 - cache_depth]` (n output blocks). With
+            `cached` (such features from an earlier call on the same rows), only `input_blocks[0..cache_depth]`
+            and `output_blocks[n - 1 - cache_depth..]` run, on their own skip connections, and the call returns
+            (out, cached).
+        """
         n, t = x.shape[0], num_video_frames
         if n % t:
             raise ValueError(f"x has {n} rows, not a multiple of num_video_frames={t} (layout is (b t) c h w)")
         if x.shape[-2] % self.config.latent_downscale or x.shape[-1] % self.config.latent_downscale:
             raise ValueError(f"latent size {tuple(x.shape[-2:])} must be a multiple of {self.config.latent_downscale}")
+        n_out = len(self.output_blocks)
+        if cache_depth is not None and not 0 <= cache_depth < n_out:
+            raise ValueError(f"cache_depth must be in [0, {n_out - 1}], got {cache_depth}")
+        if cached is not None and cache_depth is None:
+            raise ValueError("cached features need their cache_depth")
         if context_vectors is None:
             context_vectors = self.context_vectors(context, t)
         if image_only_indicator is None:
             image_only_indicator = torch.zeros(n // t, t, device=x.device)
+        skips_by_block = self._per_block(skip_temporal, "skip_temporal") if skip_temporal else {}
         t_emb = timestep_embedding(timesteps, self.config.model_channels).to(x.dtype)
         emb = self.time_embed(t_emb) + self.label_emb(y.to(x.dtype))
+
+        def run(name, block, h):
+            rec = None if record is None else {}
+            h = block(h, emb, context_vectors.get(name), t, image_only_indicator, skips_by_block.get(name, ()), rec)
+            for d, stats in (rec or {}).items():
+                j = next(j for j, layer in enumerate(block) if isinstance(layer, SpatialVideoTransformer))
+                record[f"{name}.{j}.time_stack.{d}"] = stats
+            return h
+
+        first_out = 0 if cached is None else n_out - 1 - cache_depth
         skips, h = [], x
-        for i, block in enumerate(self.input_blocks):
-            h = block(h, emb, context_vectors.get(f"input_blocks.{i}"), t, image_only_indicator)
+        for i, block in enumerate(self.input_blocks[:len(self.input_blocks) - first_out]):
+            h = run(f"input_blocks.{i}", block, h)
             skips.append(h)
-        h = self.middle_block(h, emb, context_vectors.get("middle_block"), t, image_only_indicator)
-        for i, block in enumerate(self.output_blocks):
-            h = block(torch.cat([h, skips.pop()], dim=1), emb, context_vectors.get(f"output_blocks.{i}"), t,
-                      image_only_indicator)
-        return self.out(h)
+        h = run("middle_block", self.middle_block, h) if cached is None else cached
+        features = cached
+        for i in range(first_out, n_out):
+            if i == n_out - 1 - (cache_depth or 0) and features is None:
+                features = h
+            h = run(f"output_blocks.{i}", self.output_blocks[i], torch.cat([h, skips.pop()], dim=1))
+        out = self.out(h)
+        return out if cache_depth is None else (out, features)

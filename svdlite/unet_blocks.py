@@ -95,12 +95,19 @@ class VideoTransformerBlock(_TransformerBlock):
         self.norm_in = nn.LayerNorm(dim)
         self.ff_in = FeedForward(dim)
 
-    def forward(self, x: torch.Tensor, ctx_vec: torch.Tensor, num_frames: int) -> torch.Tensor:
-        """x: ((b t), S, C); ctx_vec: (b, C), one per video (from its first frame's token)."""
+    def forward(self, x: torch.Tensor, ctx_vec: torch.Tensor, num_frames: int, stats: dict | None = None
+                ) -> torch.Tensor:
+        """x: ((b t), S, C); ctx_vec: (b, C), one per video (from its first frame's token).
+
+        stats: when a dict is given (F3 calibration only), `stats["attention"]` is set to the mean attention mass a
+        frame's query puts on the OTHER frames (1 - the diagonal of the softmax map), over rows, heads and frames."""
         b, s = x.shape[0] // num_frames, x.shape[1]
         x = rearrange(x, "(b t) s c -> (b s) t c", t=num_frames)
         x = self.ff_in(self.norm_in(x)) + x
-        x = self.attn1(self.norm1(x)) + x
+        h = self.norm1(x)
+        if stats is not None:
+            stats["attention"] = 1.0 - self.attn1.probabilities(h).diagonal(dim1=-2, dim2=-1).mean().item()
+        x = self.attn1(h) + x
         if self.fold:  # frame 0's vector at every position and frame, broadcast without a copy
             x = (x.view(b, s, num_frames, -1) + ctx_vec.to(x.dtype)[:, None, None, :]).view_as(x)
         else:  # sgm repeats frame 0's token over the positions and attends to it
@@ -137,16 +144,33 @@ class SpatialVideoTransformer(nn.Module):
         return [(blk.context_vector(token), mix.context_vector(token[::num_frames]))
                 for blk, mix in zip(self.transformer_blocks, self.time_stack)]
 
-    def forward(self, x, ctx_vecs, num_frames: int, image_only_indicator):
+    def frame_embedding(self, num_frames: int, num_rows: int, device, dtype) -> torch.Tensor:
+        """The learned frame-position embedding added to the temporal blocks' input: (num_rows, 1, C)."""
+        frames = torch.arange(num_frames, device=device).repeat(num_rows // num_frames)
+        return self.time_pos_embed(timestep_embedding(frames, self.proj_in.in_features).to(dtype))[:, None, :]
+
+    def forward(self, x, ctx_vecs, num_frames: int, image_only_indicator, skip=(), record: dict | None = None):
+        """skip: depth indices d whose temporal block `time_stack.d` does not run at this call (F3-Pruning): the
+        blend then takes the spatial path alone (alpha = 1), so x passes on unchanged.
+        record: when a dict is given (F3 calibration), record[d] = {"attention", "contribution"} for every temporal
+        block that runs; contribution = (1 - alpha) * ||temporal - spatial|| / ||spatial|| with this block's alpha."""
         _, _, h, w = x.shape
         x_in = x
         x = rearrange(self.norm(x), "n c h w -> n (h w) c")
         x = self.proj_in(x)
-        frames = torch.arange(num_frames, device=x.device).repeat(x.shape[0] // num_frames)
-        emb = self.time_pos_embed(timestep_embedding(frames, self.proj_in.in_features).to(x.dtype))[:, None, :]
-        for block, mix_block, (spatial_vec, temporal_vec) in zip(self.transformer_blocks, self.time_stack, ctx_vecs):
+        emb = None
+        for d, (block, mix_block, (spatial_vec, temporal_vec)) in enumerate(
+                zip(self.transformer_blocks, self.time_stack, ctx_vecs)):
             x = block(x, spatial_vec)
-            x_mix = mix_block(x + emb, temporal_vec, num_frames)
+            if d in skip:
+                continue
+            if emb is None:
+                emb = self.frame_embedding(num_frames, x.shape[0], x.device, x.dtype)
+            stats = None if record is None else record.setdefault(d, {})
+            x_mix = mix_block(x + emb, temporal_vec, num_frames, stats)
+            if stats is not None:
+                alpha = torch.sigmoid(self.time_mixer.mix_factor.float()).item()
+                stats["contribution"] = ((1.0 - alpha) * (x_mix.float() - x.float()).norm() / x.float().norm()).item()
             x = self.time_mixer(x, x_mix, image_only_indicator, "b t -> (b t) 1 1")
         # contiguous: a channels-last view here would make every later conv re-layout its weights (~15% slower)
         x = rearrange(self.proj_out(x), "n (h w) c -> n c h w", h=h, w=w).contiguous()
@@ -178,12 +202,13 @@ class Upsample(nn.Module):
 class TimestepEmbedSequential(nn.Sequential):
     """A numbered block (`input_blocks.i`), passing each layer what it takes."""
 
-    def forward(self, x, emb, ctx_vecs, num_frames: int, image_only_indicator):
+    def forward(self, x, emb, ctx_vecs, num_frames: int, image_only_indicator, skip=(), record: dict | None = None):
+        """skip / record: passed to the block's SpatialVideoTransformer (see there)."""
         for layer in self:
             if isinstance(layer, VideoResBlock):
                 x = layer(x, emb, num_frames, image_only_indicator)
             elif isinstance(layer, SpatialVideoTransformer):
-                x = layer(x, ctx_vecs, num_frames, image_only_indicator)
+                x = layer(x, ctx_vecs, num_frames, image_only_indicator, skip, record)
             else:
                 x = layer(x)
         return x

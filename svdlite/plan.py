@@ -1,0 +1,113 @@
+"""The acceleration plan: what runs at each denoising step, decided before sampling (DESIGN.md "Acceleration options").
+
+Every way svdlite trades work for speed is a per-step decision known before the loop starts:
+- the guidance cut: both classifier-free-guidance halves, or only the conditional one (`Step.guided`);
+- F3-Pruning: which temporal transformer blocks do not run (`Step.skip_temporal`, unit paths of the UNet);
+- step caching (DeepCache): a full step that refreshes the cached deep features, or a partial step that runs only
+  the shallow branch and reuses them (`Step.cache`, with `Plan.cache_depth`);
+- the noise schedule (`Plan.sigmas`: which noise levels, how many steps).
+One `Plan` holds them all. The sampler loop reads it, the UNet receives a step's entries as explicit arguments,
+`tools/count_macs.py` counts its work, and `Plan.describe()` prints it. The exact plan (every step guided, nothing
+skipped, no cache) reproduces the plain run bit for bit.
+"""
+from dataclasses import dataclass
+
+import torch
+
+CACHE_MODES = (None, "refresh", "reuse")
+
+
+@dataclass(frozen=True)
+class Step:
+    """What runs at denoising step `index` (noise level `sigma`)."""
+
+    index: int
+    sigma: float
+    guided: bool  # one UNet call on [uncond; cond] (2 x frames rows), else on the conditional half only
+    skip_temporal: frozenset[str] = frozenset()  # temporal units that do not run (F3)
+    cache: str | None = None  # None: no caching; "refresh": full UNet, keep deep features; "reuse": shallow only
+
+    def __post_init__(self):
+        if self.cache not in CACHE_MODES:
+            raise ValueError(f"Step.cache must be one of {CACHE_MODES}, got {self.cache!r}")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """sigmas: the n + 1 noise levels (float32 values, descending, the last 0); steps: n `Step`s."""
+
+    sigmas: tuple[float, ...]
+    steps: tuple[Step, ...]
+    cache_depth: int | None = None  # the recomputed branch of a "reuse" step (VideoUNet.forward's cache_depth)
+
+    def __post_init__(self):
+        if len(self.sigmas) != len(self.steps) + 1:
+            raise ValueError(f"a plan of {len(self.steps)} steps needs {len(self.steps) + 1} sigmas, "
+                             f"got {len(self.sigmas)}")
+        if any(s.cache for s in self.steps) and self.cache_depth is None:
+            raise ValueError("a plan with cached steps needs a cache_depth")
+        for prev, step in zip((None,) + self.steps, self.steps):
+            if step.cache == "reuse" and (prev is None or prev.cache is None or (step.guided and not prev.guided)):
+                raise ValueError(f"step {step.index} reuses cached features, but the step before it keeps none "
+                                 "for its batch (a reuse must follow a refresh or a reuse, and cannot go from the "
+                                 "conditional half back to both)")
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.steps)
+
+    @property
+    def is_exact(self) -> bool:
+        """True when nothing is traded: every step guided (or guidance off), nothing skipped or cached."""
+        return all(not s.skip_temporal and s.cache is None for s in self.steps) and len(
+            {s.guided for s in self.steps}) <= 1
+
+    def sigmas_tensor(self, device=None) -> torch.Tensor:
+        return torch.tensor(self.sigmas, dtype=torch.float32, device=device)
+
+    def describe(self, num_units: int | None = None) -> list[str]:
+        """One line per step: sigma, which halves run, skipped temporal units, cache mode."""
+        lines = []
+        for s in self.steps:
+            units = f"{len(s.skip_temporal)}" + (f"/{num_units}" if num_units else "")
+            lines.append(f"step {s.index:>3}  sigma {s.sigma:>10.4f}  {'guided' if s.guided else 'cond-only':<9}  "
+                         f"temporal skipped {units:<6}  cache {s.cache or '-'}")
+        return lines
+
+
+def build_plan(sigmas: torch.Tensor, *, guidance: bool, guidance_cut_step: int | None = None,
+               skip_temporal: list[frozenset[str]] | None = None, cache_interval: int = 1,
+               cache_depth: int | None = None) -> Plan:
+    """The per-step plan for these options; with the defaults every step runs everything (the exact plan).
+
+    Args:
+        sigmas: (n + 1,) descending noise levels, the last 0 (from `sampling.edm_sigmas` or `sampling.ays_sigmas`).
+        guidance: whether classifier-free guidance runs at all (diffusers/sgm skip it when max guidance <= 1).
+        guidance_cut_step: K in [0, n]: steps K.. run only the conditional half; None or n = never.
+        skip_temporal: per step, the temporal units not to run (from `F3Schedule.skip_sets`); None = none.
+        cache_interval: N >= 1; every N-th step (0, N, 2N, ...) runs the whole UNet and refreshes the cache, the
+            N - 1 steps after it reuse it. N = 1 is exact (no caching).
+        cache_depth: D, the branch a reusing step recomputes: input_blocks 0..D and the last D + 1 output blocks.
+    """
+    n = len(sigmas) - 1
+    if n < 1:
+        raise ValueError(f"need at least 2 sigmas (1 step), got {len(sigmas)}")
+    if guidance_cut_step is not None and (isinstance(guidance_cut_step, bool) or not 0 <= guidance_cut_step <= n):
+        raise ValueError(f"guidance_cut_step must be in [0, {n}] (the step count), got {guidance_cut_step!r}")
+    if skip_temporal is not None and len(skip_temporal) != n:
+        raise ValueError(f"skip_temporal must give one set per step ({n}), got {len(skip_temporal)}")
+    if isinstance(cache_interval, bool) or not isinstance(cache_interval, int) or cache_interval < 1:
+        raise ValueError(f"cache_interval must be an int >= 1 (1 = no caching), got {cache_interval!r}")
+    if cache_interval > 1 and cache_depth is None:
+        raise ValueError("cache_interval > 1 needs a cache_depth")
+    if cache_depth is not None and (isinstance(cache_depth, bool) or not isinstance(cache_depth, int)
+                                    or cache_depth < 0):
+        raise ValueError(f"cache_depth must be an int >= 0, got {cache_depth!r}")
+    cut = n if guidance_cut_step is None else guidance_cut_step
+    values = tuple(float(s) for s in sigmas)
+    steps = []
+    for i in range(n):
+        cache = None if cache_interval == 1 else ("refresh" if i % cache_interval == 0 else "reuse")
+        steps.append(Step(i, values[i], guidance and i < cut,
+                          frozenset() if skip_temporal is None else frozenset(skip_temporal[i]), cache))
+    return Plan(values, tuple(steps), cache_depth if cache_interval > 1 else None)
