@@ -14,30 +14,82 @@ def _parser() -> argparse.ArgumentParser:
                                    "(svd: 14 frames, 25 steps; svd-xt / svd-xt-1.1: 25 frames, 30 steps).")
     g.add_argument("image", type=Path, help="input image (any format PIL reads)")
     g.add_argument("-o", "--output", type=Path, required=True, help="output video: .mp4 (H.264), .webm or .gif")
-    g.add_argument("--model", default="svd-xt",
-                   help="preset (svd, svd-xt, svd-xt-1.1, tiny), an original .safetensors file, a diffusers folder "
-                        "or an svdlite converted file (default: svd-xt, downloaded from the Hugging Face Hub)")
-    g.add_argument("--seed", type=int, default=None, help="random seed (default: random)")
-    g.add_argument("--num-frames", type=int)
-    g.add_argument("--steps", type=int, dest="num_inference_steps", help="denoising steps")
-    g.add_argument("--fps", type=int, help="frame rate of the video; the model is conditioned on fps - 1")
-    g.add_argument("--motion-bucket-id", type=int)
-    g.add_argument("--noise-aug-strength", type=float)
-    g.add_argument("--min-guidance", type=float, dest="min_guidance_scale")
-    g.add_argument("--max-guidance", type=float, dest="max_guidance_scale")
+    _sampling_options(g)
     g.add_argument("--guidance-cut-step", type=int, default=None,
                    help="from this step on run only the conditional branch (approximate; off by default)")
+    g.add_argument("--f3-schedule", type=Path, help="F3-Pruning schedule from `svdlite calibrate` (approximate)")
+    g.add_argument("--f3-ratio", type=float, default=0.0,
+                   help="skip this ratio [0, 1) of the lowest-ranked temporal units (default 0: exact)")
+    g.add_argument("--f3-statistic", choices=("attention", "contribution"), default="attention",
+                   help="the schedule's ranking statistic (default: attention, the F3 paper's)")
     g.add_argument("--decode-chunk-size", type=int)
-    g.add_argument("--height", type=int)
-    g.add_argument("--width", type=int)
-    g.add_argument("--device", default="cpu")
-    g.add_argument("--dtype", choices=DTYPES, default="fp32")
     g.add_argument("--force", action="store_true", help="overwrite OUTPUT if it exists")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    c = sub.add_parser("calibrate", help="calibrate an F3-Pruning schedule",
+                       description="Sample the images with the exact computation and record, for every temporal "
+                                   "transformer block at every step, the F3 statistics; write them as a schedule "
+                                   "for `svdlite generate --f3-schedule`. Use the step count and frame count you "
+                                   "will generate with (a schedule for other ones is refused).")
+    c.add_argument("images", type=Path, nargs="+", help="input images (image k uses seed + k)")
+    c.add_argument("-o", "--output", type=Path, required=True, help="schedule file to write (.json)")
+    _sampling_options(c, seed_default=0)
+    c.add_argument("--force", action="store_true", help="overwrite OUTPUT if it exists")
+    c.add_argument("--no-progress", action="store_true", help="no progress bar")
     i = sub.add_parser("info", help="describe a checkpoint", description="Print a checkpoint's format, components, "
                                                                         "parameter counts and preset.")
     i.add_argument("checkpoint", help="a .safetensors file, a diffusers folder or a preset name (not downloaded)")
     return p
+
+
+def _sampling_options(p: argparse.ArgumentParser, seed_default: int | None = None) -> None:
+    """The model and sampling options `generate` and `calibrate` share."""
+    p.add_argument("--model", default="svd-xt",
+                   help="preset (svd, svd-xt, svd-xt-1.1, tiny), an original .safetensors file, a diffusers folder "
+                        "or an svdlite converted file (default: svd-xt, downloaded from the Hugging Face Hub)")
+    p.add_argument("--seed", type=int, default=seed_default,
+                   help=f"random seed (default: {'random' if seed_default is None else seed_default})")
+    p.add_argument("--num-frames", type=int)
+    p.add_argument("--steps", type=int, dest="num_inference_steps", help="denoising steps")
+    p.add_argument("--schedule", choices=("edm", "ays"), default="edm",
+                   help="noise schedule: edm (SVD's own, default) or ays (Align Your Steps; 10 steps unless --steps)")
+    p.add_argument("--fps", type=int, help="frame rate of the video; the model is conditioned on fps - 1")
+    p.add_argument("--motion-bucket-id", type=int)
+    p.add_argument("--noise-aug-strength", type=float)
+    p.add_argument("--min-guidance", type=float, dest="min_guidance_scale")
+    p.add_argument("--max-guidance", type=float, dest="max_guidance_scale")
+    p.add_argument("--height", type=int)
+    p.add_argument("--width", type=int)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", choices=DTYPES, default="fp32")
+
+
+SAMPLING_KEYS = ("num_frames", "num_inference_steps", "fps", "motion_bucket_id", "noise_aug_strength",
+                 "min_guidance_scale", "max_guidance_scale", "height", "width")
+
+
+def _calibrate(args) -> int:
+    import torch
+
+    from .calibrate import calibrate_f3
+
+    if args.output.exists() and not args.force:
+        print(f"svdlite: {args.output} exists; pass --force to overwrite it", file=sys.stderr)
+        return 2
+    if not args.output.parent.is_dir():
+        print(f"svdlite: output folder {args.output.parent} does not exist", file=sys.stderr)
+        return 2
+    missing = [str(p) for p in args.images if not p.is_file()]
+    if missing:
+        print(f"svdlite: input image(s) not found: {', '.join(missing)}", file=sys.stderr)
+        return 2
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+    options = {k: getattr(args, k) for k in SAMPLING_KEYS if getattr(args, k) is not None}
+    schedule = calibrate_f3(args.images, model=args.model, seed=args.seed, schedule=args.schedule,
+                            device=args.device, dtype=dtype, progress=not args.no_progress, **options)
+    schedule.save(args.output, overwrite=args.force)
+    print(f"wrote {args.output} ({len(schedule.units)} temporal blocks x {schedule.num_steps} steps = "
+          f"{schedule.num_units} units, {len(args.images)} image(s))")
+    return 0
 
 
 def _generate(args) -> int:
@@ -52,11 +104,10 @@ def _generate(args) -> int:
         print(f"svdlite: input image {args.image} not found", file=sys.stderr)
         return 2
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
-    options = {k: getattr(args, k) for k in (
-        "num_frames", "num_inference_steps", "fps", "motion_bucket_id", "noise_aug_strength", "min_guidance_scale",
-        "max_guidance_scale", "decode_chunk_size", "height", "width", "seed", "guidance_cut_step")}
+    options = {k: getattr(args, k) for k in SAMPLING_KEYS + ("decode_chunk_size", "seed", "guidance_cut_step")}
     video = generate(args.image, model=args.model, device=args.device, dtype=dtype, progress=not args.no_progress,
-                     **{k: v for k, v in options.items() if v is not None})
+                     schedule=args.schedule, f3_schedule=args.f3_schedule, f3_ratio=args.f3_ratio,
+                     f3_statistic=args.f3_statistic, **{k: v for k, v in options.items() if v is not None})
     video.save(args.output, overwrite=args.force)
     print(f"wrote {args.output} ({len(video)} frames, {video.width}x{video.height}, {video.fps:g} fps)")
     return 0
@@ -73,7 +124,7 @@ def _info(args) -> int:
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     try:
-        return _generate(args) if args.command == "generate" else _info(args)
+        return {"generate": _generate, "calibrate": _calibrate, "info": _info}[args.command](args)
     except (ValueError, FileExistsError, FileNotFoundError, RuntimeError) as err:
         print(f"svdlite: error: {err}", file=sys.stderr)
         return 1

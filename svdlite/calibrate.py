@@ -1,0 +1,57 @@
+"""F3 calibration: sample a few images with the exact plan and record every temporal unit's statistics (f3.py)."""
+import torch
+
+from . import __version__
+from .components import SVDModel, load_model
+from .f3 import STATISTICS, F3Schedule, unet_identity
+from .pipeline import make_generator, make_plan, noise_schedule, resolve_settings, run_settings, sample
+
+
+@torch.no_grad()
+def calibrate_f3(images, *, model="svd-xt", seed: int = 0, schedule: str = "edm", sigmas=None, device="cpu",
+                 dtype: torch.dtype = torch.float32, progress: bool = True, token: str | None = None,
+                 **settings) -> F3Schedule:
+    """Sample each image with the exact plan and average the F3 statistics of every (step, temporal unit).
+
+    Args:
+        images: paths, PIL images or tensors, as `generate` takes them (one is enough; more average out).
+        model: an `SVDModel` or anything `load_model` takes.
+        seed: image k is sampled with seed + k (noise augmentation and initial latents, as in `generate`).
+        schedule, sigmas: the noise schedule, as in `generate`; the step count must match later runs.
+        settings: `generate`'s sampling settings (num_frames, num_inference_steps, fps, motion_bucket_id,
+            noise_aug_strength, min_guidance_scale, max_guidance_scale, height, width); unset ones are the preset's.
+    Returns:
+        The schedule: for every step and unit, "attention" and "contribution" averaged over the images (and, within
+        a call, over heads, every spatial position, query frames and both guidance halves), the settings and the
+        UNet's identity. Save it with `.save(path)`.
+    """
+    images = list(images) if isinstance(images, (list, tuple)) else [images]
+    if not images:
+        raise ValueError("calibrate_f3 needs at least one image")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"seed must be an int, got {seed!r}")
+    unknown = set(settings) - {"num_frames", "num_inference_steps", "fps", "motion_bucket_id", "noise_aug_strength",
+                               "min_guidance_scale", "max_guidance_scale", "height", "width", "decode_chunk_size"}
+    if unknown:
+        raise TypeError(f"calibrate_f3 got unknown settings {sorted(unknown)}")
+    if not isinstance(model, SVDModel):
+        model = load_model(model, device=device, dtype=dtype, token=token)
+    steps = settings.pop("num_inference_steps", None)
+    sigmas, schedule_name = noise_schedule(steps, schedule, sigmas, model.sampling.num_inference_steps)
+    s = resolve_settings(model, num_inference_steps=len(sigmas) - 1, **settings)
+    plan = make_plan(model, s, sigmas, schedule_name=schedule_name)  # exact: every unit runs at every step
+    units = model.unet.temporal_units()
+    totals = {name: torch.zeros(plan.num_steps, len(units), dtype=torch.float64) for name in STATISTICS}
+    for k, image in enumerate(images):
+        record: dict = {}
+        sample(model, image, s, plan, generator=make_generator(seed + k, None), device=device, dtype=dtype,
+               progress=progress, record=record)
+        for step, per_unit in record.items():
+            for j, unit in enumerate(units):
+                for name in STATISTICS:
+                    totals[name][step, j] += per_unit[unit][name]
+    stats = {name: tuple(tuple(row) for row in (t / len(images)).tolist()) for name, t in totals.items()}
+    settings_out = run_settings(s, plan.num_steps, schedule_name) | {
+        "seed": seed, "images": len(images), "dtype": str(dtype).replace("torch.", ""), "svdlite": __version__,
+        "model_source": model.source}
+    return F3Schedule(tuple(units), stats, settings_out, unet_identity(model.unet))
