@@ -105,3 +105,55 @@ def test_cli_json_small(cli_run):
         assert all(isinstance(r[k], int) for k in ("params", "macs_per_eval", "macs_per_video"))
     assert rows["original"]["params"] == ORIGINAL_PARAMS and rows["vcut"]["params"] == VCUT_PARAMS
     assert rows["original"]["macs_per_video"] > rows["vcut"]["macs_per_video"]
+
+
+def _meta_inputs(net, rows, frames, size):
+    with torch.device("meta"):
+        x = torch.randn(rows, net.config.in_channels, size, size)
+        ts, y = torch.randn(rows), torch.randn(rows, net.config.adm_in_channels)
+        context = torch.randn(rows, 1, net.config.context_dim)
+    return x, ts, y, net.context_vectors(context, frames)
+
+
+def test_plan_steps_count_exactly_what_runs():
+    """A plan step's MACs, read from the per-module count of one exact forward, equal a real count of the UNet call
+    with that step's arguments (skipped F3 units; a cache-reusing step with skips inside and outside its branch)."""
+    from svdlite.plan import Step
+
+    net, frames, size = cm.unet(True), 2, 16
+    units = net.temporal_units()
+    skip = frozenset(units[::3])  # includes input_blocks.1.1 (in the cached branch at depth 1) and deeper ones
+    x, ts, y, vectors = _meta_inputs(net, 2 * frames, frames, size)
+    real = cm.count_call("unet", lambda: net(x, ts, None, y, frames, context_vectors=vectors, skip_temporal=skip))
+    assert cm.step_macs(Step(0, 1.0, True, skip), None, frames, 8 * size, 8 * size) == real
+    _, features = net(x, ts, None, y, frames, context_vectors=vectors, cache_depth=1)
+    partial = cm.count_call("unet", lambda: net(x, ts, None, y, frames, context_vectors=vectors, skip_temporal=skip,
+                                                cache_depth=1, cached=features))
+    assert cm.step_macs(Step(1, 1.0, True, skip, "reuse"), 1, frames, 8 * size, 8 * size) == partial
+    full = cm.step_macs(Step(0, 1.0, True), None, frames, 8 * size, 8 * size)
+    assert real < full and partial < full / 5
+
+
+def test_f3_rows_from_a_schedule(tmp_path):
+    from svdlite import F3Schedule
+
+    units = cm.unet(True).temporal_units()
+    g = torch.Generator().manual_seed(0)
+    stats = {k: torch.rand(4, len(units), generator=g).tolist() for k in ("attention", "contribution")}
+    path = F3Schedule(tuple(units), stats, {"num_inference_steps": 4}, {}).save(tmp_path / "s.json")
+    rows = {r["mode"]: r for r in cm.count("svd", frames=2, steps=4, height=128, width=128, cut_steps=[2],
+                                           components=False, plans=cm.option_plans(cm_args(path, [0.0, 0.5], [2])))}
+    vcut, zero, half = rows["vcut"], rows["vcut+f3@0"], rows["vcut+f3@0.5"]
+    assert zero["macs_per_video"] == vcut["macs_per_video"] and zero["skipped_temporal_units"] == 0
+    assert half["skipped_temporal_units"] == 32  # round(0.5 * 16 units * 4 steps)
+    assert vcut["macs_per_video"] * 0.8 < half["macs_per_video"] < vcut["macs_per_video"]
+    both = rows[f"{cm.CUT_PREFIX}2+f3@0.5"]
+    assert both["macs_per_video"] < min(half["macs_per_video"], rows[f"{cm.CUT_PREFIX}2"]["macs_per_video"])
+    with pytest.raises(ValueError, match="4 steps"):
+        cm.count("svd", frames=2, steps=5, height=128, width=128, components=False,
+                 plans=cm.option_plans(cm_args(path, [0.2], [])))
+
+
+def cm_args(path, ratios, cuts):
+    import argparse
+    return argparse.Namespace(f3_schedule=str(path), f3_ratio=ratios, f3_statistic="attention", cut_steps=cuts)

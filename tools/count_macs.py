@@ -34,7 +34,10 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode, flop_registry
 
+from svdlite import sampling
 from svdlite.clip import CLIPVisionConfig, build_image_encoder
+from svdlite.f3 import F3Schedule
+from svdlite.plan import build_plan
 from svdlite.presets import PRESETS
 from svdlite.unet import UNetConfig, VideoUNet
 from svdlite.vae import ConditionEncoder, VAEConfig, VideoDecoder
@@ -67,8 +70,10 @@ class _OpRecorder(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def count_call(component: str, fn) -> int:
-    """MACs of fn() on meta tensors; refuses if a product-like op ran without a FLOP formula."""
+def count_call(component: str, fn, per_module: dict | None = None) -> int:
+    """MACs of fn() on meta tensors; refuses if a product-like op ran without a FLOP formula.
+
+    per_module: a dict to fill with {module path (no root class name): MACs} of every module that ran."""
     recorder = _OpRecorder()
     with torch.no_grad(), recorder, FlopCounterMode(display=False) as counter:
         fn()
@@ -82,6 +87,10 @@ def count_call(component: str, fn) -> int:
     flops = counter.get_total_flops()
     if flops % 2:
         raise AssertionError(f"{component}: odd FLOP count {flops}")
+    if per_module is not None:
+        for name, ops in counter.get_flop_counts().items():
+            if name != "Global":
+                per_module[name.partition(".")[2]] = sum(ops.values()) // 2
     return flops // 2
 
 
@@ -111,6 +120,59 @@ def unet_eval_macs(mode: str, batch_frames: int, num_frames: int, height: int, w
     return forward, setup
 
 
+@functools.lru_cache(maxsize=None)
+def unet_module_macs(batch_frames: int, num_frames: int, height: int, width: int) -> dict[str, int]:
+    """{module path: MACs} of one exact (vcut) UNet forward on batch_frames rows; "" is the whole forward. Every
+    plan step's work is read from this: what runs at a step is a set of these modules (products are additive)."""
+    net = unet(True)
+    with META:
+        x = torch.randn(batch_frames, net.config.in_channels, height // 8, width // 8)
+        timesteps, y = torch.randn(batch_frames), torch.randn(batch_frames, net.config.adm_in_channels)
+        context = torch.randn(batch_frames, 1, net.config.context_dim)
+    vectors = net.context_vectors(context, num_frames)
+    macs: dict[str, int] = {}
+    macs[""] = count_call("unet", lambda: net(x, timesteps, None, y, num_frames, context_vectors=vectors), macs)
+    return macs
+
+
+def step_macs(step, cache_depth: int | None, frames: int, height: int, width: int) -> int:
+    """MACs of the UNet call one plan step makes (svdlite.plan.Step): the guided batch or the conditional half;
+    a "reuse" step runs only time_embed, label_emb, input_blocks 0..D, the last D + 1 output blocks and `out`;
+    a skipped temporal unit does not run its block, nor its transformer's frame embedding when no unit there runs."""
+    m = unet_module_macs(2 * frames if step.guided else frames, frames, height, width)
+    net = unet(True)
+    n = len(net.output_blocks)
+    if step.cache == "reuse":
+        running = (["time_embed", "label_emb"] + [f"input_blocks.{i}" for i in range(cache_depth + 1)]
+                   + [f"output_blocks.{i}" for i in range(n - 1 - cache_depth, n)] + ["out"])
+    else:
+        running = [""]
+    total = sum(m.get(name, 0) for name in running)
+    runs = lambda path: any(r == "" or path == r or path.startswith(r + ".") for r in running)  # noqa: E731
+    for svt in {u.rsplit(".time_stack.", 1)[0] for u in step.skip_temporal}:
+        units = [u for u in net.temporal_units() if u.startswith(svt + ".time_stack.")]
+        skipped = [u for u in units if u in step.skip_temporal]
+        if runs(svt):
+            total -= sum(m[u] for u in skipped) + (m[svt + ".time_pos_embed"] if len(skipped) == len(units) else 0)
+    return total
+
+
+def plan_row(name: str, plan, frames: int, height: int, width: int) -> dict:
+    """A UNet row for a whole plan (svdlite.plan.Plan) of svdlite's network: every step's call plus the folded
+    context vectors, computed once per video on the guided batch as `make_denoiser` does."""
+    _, setup = unet_eval_macs("vcut", 2 * frames, frames, height, width)
+    per_step = [step_macs(s, plan.cache_depth, frames, height, width) for s in plan.steps]
+    guided = sum(s.guided for s in plan.steps)
+    return {"mode": name, "component": "unet", "params": n_params(unet(True)),
+            "macs_per_eval": unet_eval_macs("vcut", 2 * frames, frames, height, width)[0],
+            "macs_per_eval_frames": unet_eval_macs("vcut", frames, frames, height, width)[0],
+            "macs_setup_per_video": setup, "guided_evals": guided, "conditional_evals": plan.num_steps - guided,
+            "macs_per_step": per_step, "macs_per_video": sum(per_step) + setup,
+            "skipped_temporal_units": sum(len(s.skip_temporal) for s in plan.steps),
+            "reuse_steps": sum(s.cache == "reuse" for s in plan.steps),
+            "frames": frames, "steps": plan.num_steps, "height": height, "width": width}
+
+
 def temporal_attn2_params() -> int:
     """Parameters of the 16 temporal cross-attentions of the original network: what the paper removes."""
     return sum(p.numel() for name, p in unet(False).named_parameters() if ".time_stack." in name and ".attn2." in name)
@@ -126,16 +188,32 @@ def _check_size(frames: int, steps: int, height: int, width: int) -> None:
 
 def unet_row(mode: str, frames: int, steps: int, height: int, width: int, cut: int | None = None) -> dict:
     """One UNet row. cut=K: steps 0..K-1 guided (2*frames), K..steps-1 conditional only (frames)."""
-    base = "vcut" if cut is not None else mode
-    guided, setup_guided = unet_eval_macs(base, 2 * frames, frames, height, width)
-    single, setup_single = unet_eval_macs(base, frames, frames, height, width)
-    k = steps if cut is None else cut
-    setup = setup_guided + setup_single  # make_denoiser computes the vectors of both batches, once
-    return {"mode": mode if cut is None else f"{CUT_PREFIX}{cut}", "component": "unet",
-            "params": n_params(unet(UNET_MODES[base])), "macs_per_eval": guided, "macs_per_eval_frames": single,
-            "macs_setup_per_video": setup, "guided_evals": k, "conditional_evals": steps - k,
-            "macs_per_video": k * guided + (steps - k) * single + setup,
+    if cut is not None:
+        return plan_row(f"{CUT_PREFIX}{cut}", make_plan(steps, cut=cut), frames, height, width)
+    guided, setup = unet_eval_macs(mode, 2 * frames, frames, height, width)  # vectors: once, on the guided batch
+    single, _ = unet_eval_macs(mode, frames, frames, height, width)
+    return {"mode": mode, "component": "unet", "params": n_params(unet(UNET_MODES[mode])), "macs_per_eval": guided,
+            "macs_per_eval_frames": single, "macs_setup_per_video": setup, "guided_evals": steps,
+            "conditional_evals": 0, "macs_per_video": steps * guided + setup,
             "frames": frames, "steps": steps, "height": height, "width": width}
+
+
+def make_plan(steps: int, cut: int | None = None, f3: tuple | None = None, cache_interval: int = 1,
+              cache_depth: int | None = None, schedule: str = "edm"):
+    """The plan svdlite.generate builds for these options (guidance on, as in every preset but tiny).
+    f3: (F3Schedule, ratio, statistic); only its ranking is used, so it counts at any frame count and size."""
+    sigmas = sampling.ays_sigmas(steps) if schedule == "ays" else sampling.edm_sigmas(steps)
+    skip = None
+    if f3 is not None:
+        schedule_f3, ratio, statistic = f3
+        if schedule_f3.num_steps != steps:
+            raise ValueError(f"the F3 schedule has {schedule_f3.num_steps} steps; counting {steps} steps needs one "
+                             "calibrated for that many (--steps)")
+        if list(schedule_f3.units) != unet(True).temporal_units():
+            raise ValueError("the F3 schedule's units are not SVD's 16 temporal blocks")
+        skip = schedule_f3.skip_sets(ratio, statistic)
+    return build_plan(sigmas, guidance=True, guidance_cut_step=cut, skip_temporal=skip,
+                      cache_interval=cache_interval, cache_depth=cache_depth)
 
 
 def other_rows(frames: int, height: int, width: int) -> list[dict]:
@@ -171,11 +249,13 @@ def latest_cut_meeting(target: float, frames: int, steps: int, height: int, widt
 
 
 def count(preset: str = "svd-xt", frames: int | None = None, steps: int | None = None, height: int | None = None,
-          width: int | None = None, cut_steps: list[int] | None = None, components: bool = True) -> list[dict]:
+          width: int | None = None, cut_steps: list[int] | None = None, components: bool = True,
+          plans=()) -> list[dict]:
     """All rows (dicts with int `params`, `macs_per_eval`, `macs_per_video`; UNet rows also `macs_per_eval_frames`
     (one call on `frames`), `macs_setup_per_video`, `guided_evals`, `conditional_evals`, `saving_vs_original`).
     None means the preset's value. cut_steps default: `default_cut_steps(steps)` plus the latest K meeting the
-    paper's 322T (flagged `meets_322T_latest`)."""
+    paper's 322T (flagged `meets_322T_latest`). plans: (name, steps -> svdlite.plan.Plan) pairs, each counted as a
+    row of its own (F3, step caching, combinations; `make_plan` builds them as generate does)."""
     sampling = PRESETS[preset].sampling
     frames = sampling.num_frames if frames is None else frames
     steps = sampling.num_inference_steps if steps is None else steps
@@ -190,6 +270,8 @@ def count(preset: str = "svd-xt", frames: int | None = None, steps: int | None =
         if not 0 <= k <= steps:
             raise ValueError(f"cut step {k} is outside [0, {steps}]")
         rows.append(unet_row("vcut", frames, steps, height, width, cut=k) | {"meets_322T_latest": k == k_claim})
+    for name, plan_for in plans:
+        rows.append(plan_row(name, plan_for(steps), frames, height, width))
     reference = rows[0]
     for row in rows:
         row["saving_vs_original"] = reference["macs_per_video"] - row["macs_per_video"]
@@ -212,7 +294,7 @@ def print_table(rows: list[dict], preset: str, steps_source: str) -> None:
           " = 1 call on frames,\n  plus the folded context vectors once per video; VAE and CLIP are separate rows.")
     print("  counted: every conv / linear / matmul product incl. attention scores and values; not counted: "
           "elementwise, norms, softmax.\n")
-    header = (f"{'mode':<23}{'params':>15}{'Δparams':>14}{'eval 2T':>10}{'eval T':>10}{'evals':>8}"
+    header = (f"{'mode':<30}{'params':>15}{'Δparams':>14}{'eval 2T':>10}{'eval T':>10}{'evals':>8}"
               f"{'per video':>12}{'saved':>10}{'saved %':>9}  paper claims met")
     print(header)
     print("-" * (len(header) + 22))
@@ -230,14 +312,14 @@ def print_table(rows: list[dict], preset: str, steps_source: str) -> None:
         if r.get("meets_322T_latest"):
             claims.append("<- latest K meeting 322T")
         evals = f"{r['guided_evals']}+{r['conditional_evals']}"
-        print(f"{r['mode']:<23}{r['params']:>15,}{dparams:>+14,}{_t(r['macs_per_eval']):>10}"
+        print(f"{r['mode']:<30}{r['params']:>15,}{dparams:>+14,}{_t(r['macs_per_eval']):>10}"
               f"{_t(r['macs_per_eval_frames']):>10}{evals:>8}{_t(r['macs_per_video']):>12}{_t(saved):>10}"
               f"{100 * saved / ref['macs_per_video']:>8.2f}%  {'; '.join(claims)}")
     print("\n(eval 2T / eval T: T MACs of one UNet call on the guided batch of 2*frames / on frames; evals: guided +"
           " conditional-only calls)\n")
     for r in rows:
         if r["component"] != "unet":
-            print(f"{r['mode']:<23}{r['params']:>15,}  {_t(r['macs_per_video']):>8} T MACs once per video  ({r['what']})")
+            print(f"{r['mode']:<30}{r['params']:>15,}  {_t(r['macs_per_video']):>8} T MACs once per video  ({r['what']})")
     total = {r["mode"]: r["macs_per_video"] for r in rows if r["component"] != "unet"}
     print(f"{'(VAE + CLIP total)':<23}{'':>15}  {_t(sum(total.values())):>8} T MACs per video\n")
     print(f"Paper (VCUT) claims, for a {CLAIM_FRAMES}-frame video: 50M fewer parameters, up to 322T fewer MACs per"
@@ -257,6 +339,22 @@ def print_table(rows: list[dict], preset: str, steps_source: str) -> None:
               f"(use --frames {CLAIM_FRAMES} --steps {CLAIM_STEPS} for the paper's setting).")
 
 
+def option_plans(args) -> list[tuple[str, object]]:
+    """(row name, steps -> Plan) for the F3 ratios, and for each F3 ratio with each explicit --cut-steps K."""
+    if args.f3_ratio and not args.f3_schedule:
+        raise ValueError("--f3-ratio needs --f3-schedule")
+    if not args.f3_schedule:
+        return []
+    schedule = F3Schedule.load(args.f3_schedule)
+    plans = []
+    for r in args.f3_ratio:
+        f3 = (schedule, r, args.f3_statistic)
+        plans.append((f"vcut+f3@{r:g}", lambda steps, f3=f3: make_plan(steps, f3=f3)))
+        for k in args.cut_steps or []:
+            plans.append((f"{CUT_PREFIX}{k}+f3@{r:g}", lambda steps, f3=f3, k=k: make_plan(steps, cut=k, f3=f3)))
+    return plans
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--preset", default="svd-xt", choices=sorted(PRESETS))
@@ -265,12 +363,17 @@ def main(argv=None) -> None:
     parser.add_argument("--height", type=int)
     parser.add_argument("--width", type=int)
     parser.add_argument("--cut-steps", type=int, nargs="*", help="guidance-cut steps K (default: a few + the 322T one)")
+    parser.add_argument("--f3-schedule", help="an F3 schedule (svdlite calibrate) for vcut+f3@R rows; its step count "
+                                              "must equal --steps, any frame count or size is fine")
+    parser.add_argument("--f3-ratio", type=float, nargs="*", default=[], help="F3 ratios R (e.g. 0.1 0.2 0.3 0.5)")
+    parser.add_argument("--f3-statistic", choices=("attention", "contribution"), default="attention")
     parser.add_argument("--json", action="store_true", help="print the rows as a JSON list")
     parser.add_argument("--ops", action="store_true", help="also list every aten op seen, per component")
     args = parser.parse_args(argv)
     try:
-        rows = count(args.preset, args.frames, args.steps, args.height, args.width, args.cut_steps)
-    except ValueError as e:
+        rows = count(args.preset, args.frames, args.steps, args.height, args.width, args.cut_steps,
+                     plans=option_plans(args))
+    except (ValueError, FileNotFoundError) as e:
         parser.error(str(e))
     if args.json:
         print(json.dumps(rows, indent=1))
