@@ -19,7 +19,7 @@ from .clip import encode_image
 from .components import SVDModel, load_model
 from .conditioning import augment_condition_image, cfg_batch, fps_id_from_fps, micro_conditioning
 from .f3 import STATISTICS, as_schedule, unet_identity
-from .plan import Plan, Step, build_plan
+from .plan import Plan, Step, build_plan, speed_options
 from .presets import SamplingConfig
 from .vae import decode_latents
 from .video import Video, to_uint8_frames
@@ -133,10 +133,10 @@ def generate(image, *, model="svd-xt", num_frames: int | None = None, num_infere
              min_guidance_scale: float | None = None, max_guidance_scale: float | None = None,
              decode_chunk_size: int | None = None, height: int | None = None, width: int | None = None,
              seed: int | None = None, generator: torch.Generator | None = None, latents: torch.Tensor | None = None,
-             guidance_cut_step: int | None = None, f3_schedule=None, f3_ratio: float = 0.0,
-             f3_statistic: str = "attention", cache_interval: int = 1, cache_depth: int | None = None,
-             schedule: str = "edm", sigmas=None, device="cpu", dtype: torch.dtype = torch.float32,
-             progress: bool = True, token: str | None = None) -> Video:
+             guidance_cut_step: int | None = None, f3_schedule=None, f3_ratio: float | None = None,
+             f3_statistic: str | None = None, cache_interval: int | None = None, cache_depth: int | None = None,
+             schedule: str | None = None, sigmas=None, speed: str = "exact", device="cpu",
+             dtype: torch.dtype = torch.float32, progress: bool = True, token: str | None = None) -> Video:
     """Generate a video from one image. Unset arguments take the preset's defaults (`model.sampling`).
 
     model: an `SVDModel` from `load_model`, or anything `load_model` takes (preset name, file, folder).
@@ -147,19 +147,25 @@ def generate(image, *, model="svd-xt", num_frames: int | None = None, num_infere
       f3_schedule, f3_ratio, f3_statistic: F3-Pruning, skip the lowest-ranked ratio of the calibrated temporal
         units (`calibrate_f3`; f3.py);
       cache_interval, cache_depth: step caching (DeepCache), the deep features reused for N - 1 of every N steps;
-      schedule ("edm" | "ays") or sigmas: the noise schedule ("ays": Align Your Steps, 10 steps by default).
+      schedule ("edm" | "ays") or sigmas: the noise schedule ("ays": Align Your Steps, 10 steps by default);
+      speed ("exact" | "balanced" | "fast"): a named combination of these (plan.SPEED_LEVELS); options given
+        explicitly override its choices.
     Returns a `Video` (uint8 frames, fps) whose `latents` are the final denoised latents.
     """
     if not isinstance(model, SVDModel):
         model = load_model(model, device=device, dtype=dtype, token=token)
-    sigmas, schedule_name = noise_schedule(num_inference_steps, schedule, sigmas, model.sampling.num_inference_steps)
+    o = speed_options(speed, dict(num_inference_steps=num_inference_steps, schedule=schedule,
+                                  guidance_cut_step=guidance_cut_step, f3_ratio=f3_ratio, f3_statistic=f3_statistic,
+                                  cache_interval=cache_interval, cache_depth=cache_depth))
+    sigmas, schedule_name = noise_schedule(o.get("num_inference_steps"), o.get("schedule", "edm"), sigmas,
+                                           model.sampling.num_inference_steps)
     s = resolve_settings(model, num_frames=num_frames, num_inference_steps=len(sigmas) - 1, fps=fps,
                          motion_bucket_id=motion_bucket_id, noise_aug_strength=noise_aug_strength,
                          min_guidance_scale=min_guidance_scale, max_guidance_scale=max_guidance_scale,
                          decode_chunk_size=decode_chunk_size, height=height, width=width)
-    plan = make_plan(model, s, sigmas, schedule_name=schedule_name, guidance_cut_step=guidance_cut_step,
-                     f3_schedule=f3_schedule, f3_ratio=f3_ratio, f3_statistic=f3_statistic,
-                     cache_interval=cache_interval, cache_depth=cache_depth)
+    plan = make_plan(model, s, sigmas, schedule_name=schedule_name, f3_schedule=f3_schedule,
+                     **{k: o[k] for k in ("guidance_cut_step", "f3_ratio", "f3_statistic", "cache_interval",
+                                          "cache_depth") if k in o})
     generator = make_generator(seed, generator)
     x = sample(model, image, s, plan, generator=generator, latents=latents, device=device, dtype=dtype,
                progress=progress)

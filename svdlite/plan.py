@@ -15,6 +15,21 @@ from dataclasses import dataclass
 import torch
 
 CACHE_MODES = (None, "refresh", "reuse")
+# Named, tested combinations of the options (`generate(speed=...)`, `--speed`); options given explicitly win.
+# MACs per SVD-XT video at its defaults (30 steps, 25 frames, 576x1024; tools/count_macs.py --speed): exact 100%,
+# balanced 49.9%, fast 33.3%. What each does to the output is measured by tools/measure_options.py (README).
+SPEED_LEVELS = {
+    "exact": {},
+    "balanced": {"cache_interval": 3, "cache_depth": 1},  # DeepCache's N = 3: 2 of every 3 steps shallow only
+    "fast": {"schedule": "ays", "num_inference_steps": 10},  # Align Your Steps' 10 noise levels
+}
+
+
+def speed_options(speed: str, options: dict) -> dict:
+    """The options of a `speed` level, overridden by the explicitly given (non-None) ones."""
+    if speed not in SPEED_LEVELS:
+        raise ValueError(f"unknown speed {speed!r}; expected one of {list(SPEED_LEVELS)}")
+    return SPEED_LEVELS[speed] | {k: v for k, v in options.items() if v is not None}
 
 
 @dataclass(frozen=True)
