@@ -75,7 +75,7 @@ def resolve_settings(model: SVDModel, **overrides) -> SamplingConfig:
     return s
 
 
-def noise_schedule(num_steps: int | None, schedule: str = "edm", sigmas=None, default_steps: int = 25
+def noise_schedule(num_steps: int | None, schedule: str | None = "edm", sigmas=None, default_steps: int = 25
                    ) -> tuple[torch.Tensor, str]:
     """(sigmas (n + 1,) float32 with a final 0, the schedule's name) for a run.
 
@@ -85,11 +85,13 @@ def noise_schedule(num_steps: int | None, schedule: str = "edm", sigmas=None, de
     if num_steps is not None and (isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1):
         raise ValueError(f"num_inference_steps must be a positive int, got {num_steps!r}")
     if sigmas is not None:
+        if schedule not in (None, "edm"):
+            raise ValueError(f"pass either sigmas or schedule={schedule!r} (a speed level may set it), not both")
         sigmas = sampling.check_sigmas(sigmas)
         if num_steps is not None and num_steps != len(sigmas) - 1:
             raise ValueError(f"num_inference_steps={num_steps} disagrees with the {len(sigmas) - 1} steps of sigmas")
         return sigmas, "custom"
-    if schedule == "edm":
+    if schedule in (None, "edm"):
         return sampling.edm_sigmas(default_steps if num_steps is None else num_steps), "edm"
     if schedule == "ays":
         return sampling.ays_sigmas(10 if num_steps is None else num_steps), "ays"
@@ -157,7 +159,7 @@ def generate(image, *, model="svd-xt", num_frames: int | None = None, num_infere
     o = speed_options(speed, dict(num_inference_steps=num_inference_steps, schedule=schedule,
                                   guidance_cut_step=guidance_cut_step, f3_ratio=f3_ratio, f3_statistic=f3_statistic,
                                   cache_interval=cache_interval, cache_depth=cache_depth))
-    sigmas, schedule_name = noise_schedule(o.get("num_inference_steps"), o.get("schedule", "edm"), sigmas,
+    sigmas, schedule_name = noise_schedule(o.get("num_inference_steps"), o.get("schedule"), sigmas,
                                            model.sampling.num_inference_steps)
     s = resolve_settings(model, num_frames=num_frames, num_inference_steps=len(sigmas) - 1, fps=fps,
                          motion_bucket_id=motion_bucket_id, noise_aug_strength=noise_aug_strength,
