@@ -18,10 +18,17 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--guidance-cut-step", type=int, default=None,
                    help="from this step on run only the conditional branch (approximate; off by default)")
     g.add_argument("--f3-schedule", type=Path, help="F3-Pruning schedule from `svdlite calibrate` (approximate)")
-    g.add_argument("--f3-ratio", type=float, default=0.0,
+    g.add_argument("--f3-ratio", type=float, default=None,
                    help="skip this ratio [0, 1) of the lowest-ranked temporal units (default 0: exact)")
-    g.add_argument("--f3-statistic", choices=("attention", "contribution"), default="attention",
+    g.add_argument("--f3-statistic", choices=("attention", "contribution"), default=None,
                    help="the schedule's ranking statistic (default: attention, the F3 paper's)")
+    g.add_argument("--cache-interval", type=int,
+                   help="step caching: every N-th step runs the whole UNet, the others reuse its deep features "
+                        "(approximate; 1 = off)")
+    g.add_argument("--cache-depth", type=int, help="step caching: the recomputed branch, 0 = the shallowest")
+    g.add_argument("--speed", choices=("exact", "balanced", "fast"), default="exact",
+                   help="a tested combination of the approximate options (README: what each trades); options "
+                        "given explicitly override it")
     g.add_argument("--decode-chunk-size", type=int)
     g.add_argument("--force", action="store_true", help="overwrite OUTPUT if it exists")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -50,7 +57,7 @@ def _sampling_options(p: argparse.ArgumentParser, seed_default: int | None = Non
                    help=f"random seed (default: {'random' if seed_default is None else seed_default})")
     p.add_argument("--num-frames", type=int)
     p.add_argument("--steps", type=int, dest="num_inference_steps", help="denoising steps")
-    p.add_argument("--schedule", choices=("edm", "ays"), default="edm",
+    p.add_argument("--schedule", choices=("edm", "ays"), default=None,
                    help="noise schedule: edm (SVD's own, default) or ays (Align Your Steps; 10 steps unless --steps)")
     p.add_argument("--fps", type=int, help="frame rate of the video; the model is conditioned on fps - 1")
     p.add_argument("--motion-bucket-id", type=int)
@@ -107,7 +114,8 @@ def _generate(args) -> int:
     options = {k: getattr(args, k) for k in SAMPLING_KEYS + ("decode_chunk_size", "seed", "guidance_cut_step")}
     video = generate(args.image, model=args.model, device=args.device, dtype=dtype, progress=not args.no_progress,
                      schedule=args.schedule, f3_schedule=args.f3_schedule, f3_ratio=args.f3_ratio,
-                     f3_statistic=args.f3_statistic, **{k: v for k, v in options.items() if v is not None})
+                     f3_statistic=args.f3_statistic, cache_interval=args.cache_interval, cache_depth=args.cache_depth,
+                     speed=args.speed, **{k: v for k, v in options.items() if v is not None})
     video.save(args.output, overwrite=args.force)
     print(f"wrote {args.output} ({len(video)} frames, {video.width}x{video.height}, {video.fps:g} fps)")
     return 0

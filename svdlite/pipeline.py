@@ -99,9 +99,14 @@ def noise_schedule(num_steps: int | None, schedule: str | None = "edm", sigmas=N
 
 
 def make_plan(model: SVDModel, s: SamplingConfig, sigmas: torch.Tensor, *, schedule_name: str = "edm",
-              guidance_cut_step: int | None = None, f3_schedule=None, f3_ratio: float = 0.0,
-              f3_statistic: str = "attention", cache_interval: int = 1, cache_depth: int | None = None) -> Plan:
-    """The one per-step plan for these options (plan.py); checks an F3 schedule against the model and settings."""
+              guidance_cut_step: int | None = None, f3_schedule=None, f3_ratio: float | None = 0.0,
+              f3_statistic: str | None = "attention", cache_interval: int | None = 1,
+              cache_depth: int | None = None) -> Plan:
+    """The one per-step plan for these options (plan.py); checks an F3 schedule against the model and settings.
+    None means the option's off-position (f3_ratio 0, f3_statistic "attention", cache_interval 1)."""
+    f3_ratio = 0.0 if f3_ratio is None else f3_ratio
+    f3_statistic = "attention" if f3_statistic is None else f3_statistic
+    cache_interval = 1 if cache_interval is None else cache_interval
     if f3_statistic not in STATISTICS:
         raise ValueError(f"unknown f3_statistic {f3_statistic!r}; expected one of {STATISTICS}")
     skip = None

@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Parameters and multiply-accumulates (MACs) of SVD's FULL-SIZE networks, counted on the meta device.
 
-    python tools/count_macs.py [--preset P] [--frames N] [--steps N] [--height H] [--width W] [--json] [--ops]
+    python tools/count_macs.py [--preset P] [--frames N] [--steps N] [--height H] [--width W] [--cut-steps K ...]
+                               [--f3-schedule S --f3-ratio R ...] [--cache N D] [--speed] [--json] [--ops]
 
 Nothing real is allocated: every module is built under `torch.device("meta")` and run on meta tensors inside
 `torch.utils.flop_counter.FlopCounterMode`; MACs = FLOPs / 2. The networks are always SVD's (UNetConfig(),
@@ -18,6 +19,12 @@ Modes (UNet):
   vcut-temporal            the VCUT paper's variant: temporal cross-attention folded, spatial original
   vcut                     svdlite's default: both folded (exact)
   vcut+guidance-cut@K      vcut, and from step K on only the conditional branch runs (approximate)
+  vcut+f3@R                F3-Pruning: the lowest-ranked ratio R of a schedule's (step, temporal block) units skipped
+  vcut+cache@N/D           step caching: every N-th step full, the others run input_blocks 0..D and the last D+1
+                           output blocks on cached deep features
+  speed LEVEL              the plan of `generate(speed=LEVEL)` (its own step count where the level sets one)
+Every approximate row is an svdlite.plan.Plan built as generate builds it; its work is counted step by step from
+the per-module MACs of one exact forward (what a step runs is a set of modules).
 Per video = the UNet evaluations only (steps with classifier-free guidance run one call on the doubled batch of
 2*frames; after a guidance cut, one call on `frames`), plus the folded context vectors computed once per video as
 `svdlite.pipeline.make_denoiser` does. The VAE encoder (+ quant_conv, one image), the temporal VAE decoder (all
@@ -37,7 +44,7 @@ from torch.utils.flop_counter import FlopCounterMode, flop_registry
 from svdlite import sampling
 from svdlite.clip import CLIPVisionConfig, build_image_encoder
 from svdlite.f3 import F3Schedule
-from svdlite.plan import build_plan
+from svdlite.plan import SPEED_LEVELS, build_plan
 from svdlite.presets import PRESETS
 from svdlite.unet import UNetConfig, VideoUNet
 from svdlite.vae import ConditionEncoder, VAEConfig, VideoDecoder
@@ -340,13 +347,19 @@ def print_table(rows: list[dict], preset: str, steps_source: str) -> None:
 
 
 def option_plans(args) -> list[tuple[str, object]]:
-    """(row name, steps -> Plan) for the F3 ratios, and for each F3 ratio with each explicit --cut-steps K."""
+    """(row name, steps -> Plan) for --cache rows, --speed levels (a level's own step count where it sets one),
+    the F3 ratios, and each F3 ratio with each explicit --cut-steps K."""
+    plans = [(f"vcut+cache@{n}/{d}", lambda steps, n=n, d=d: make_plan(steps, cache_interval=n, cache_depth=d))
+             for n, d in getattr(args, "cache", [])]
+    for level, options in SPEED_LEVELS.items() if getattr(args, "speed", False) else ():
+        plans.append((f"speed {level}", lambda steps, o=options: make_plan(
+            o.get("num_inference_steps", steps), cut=o.get("guidance_cut_step"), schedule=o.get("schedule", "edm"),
+            cache_interval=o.get("cache_interval", 1), cache_depth=o.get("cache_depth"))))
     if args.f3_ratio and not args.f3_schedule:
         raise ValueError("--f3-ratio needs --f3-schedule")
     if not args.f3_schedule:
-        return []
+        return plans
     schedule = F3Schedule.load(args.f3_schedule)
-    plans = []
     for r in args.f3_ratio:
         f3 = (schedule, r, args.f3_statistic)
         plans.append((f"vcut+f3@{r:g}", lambda steps, f3=f3: make_plan(steps, f3=f3)))
@@ -367,6 +380,9 @@ def main(argv=None) -> None:
                                               "must equal --steps, any frame count or size is fine")
     parser.add_argument("--f3-ratio", type=float, nargs="*", default=[], help="F3 ratios R (e.g. 0.1 0.2 0.3 0.5)")
     parser.add_argument("--f3-statistic", choices=("attention", "contribution"), default="attention")
+    parser.add_argument("--cache", type=int, nargs=2, action="append", default=[], metavar=("N", "D"),
+                        help="a step-caching row: cache interval N, depth D (repeatable)")
+    parser.add_argument("--speed", action="store_true", help="rows for the speed levels (generate --speed)")
     parser.add_argument("--json", action="store_true", help="print the rows as a JSON list")
     parser.add_argument("--ops", action="store_true", help="also list every aten op seen, per component")
     args = parser.parse_args(argv)
