@@ -1,4 +1,4 @@
-"""tools/benchmark.py and tools/measure_guidance_cut.py at a tiny scale: they run and return sane structures.
+"""tools/benchmark.py and tools/measure_options.py at a tiny scale: they run and return sane structures.
 
 No timing is asserted anywhere (the machine's speed is not a test); only shapes, keys and exact equalities.
 """
@@ -24,7 +24,7 @@ def _load_tool(name: str):
 
 
 bm = _load_tool("benchmark")
-gc = _load_tool("measure_guidance_cut")
+mo = _load_tool("measure_options")
 QUIET = lambda msg: None  # noqa: E731
 
 
@@ -92,40 +92,52 @@ def test_diffusers_kwargs_of_svd_are_diffusers_defaults():
         bm.make_inputs(svdlite.UNetConfig(), 2, 48, 64, 0)
 
 
-# --- guidance cut ------------------------------------------------------------------------------------------------
+# --- measure_options ---------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
 def tiny_model():
     return svdlite.load_model("tiny")
 
 
-def test_guidance_cut_rows(tiny_model):
-    r = gc.measure(tiny_model, steps=2, frames=2, height=64, width=64, cuts=[2, 0], seed=1, log=QUIET)
-    assert (r["steps"], r["frames"], r["height"], r["width"]) == (2, 2, 64, 64)
-    assert [row["cut_step"] for row in r["rows"]] == [0, 2]
-    cut0, exact = r["rows"]
-    # K = steps is the exact computation: identical latents and frames
+def test_option_rows(tiny_model):
+    variants = [("cut0", {"guidance_cut_step": 0}), ("exact again", {"guidance_cut_step": 2}),
+                ("f3", {"f3_ratio": 0.5}), ("cache", {"cache_interval": 2, "cache_depth": 0})]
+    r = mo.measure(tiny_model, steps=2, frames=3, height=64, width=64, variants=variants, seed=1, rounds=2, log=QUIET)
+    assert (r["num_inference_steps"], r["num_frames"], r["height"], r["width"], r["rounds"]) == (2, 3, 64, 64, 2)
+    rows = {row["variant"]: row for row in r["rows"]}
+    assert list(rows) == ["cut0", "exact again", "f3", "cache"]
+    exact = rows["exact again"]  # K = steps is the exact computation: identical latents and frames
     assert exact["latents_rel_l2"] == 0 and exact["frames_max_abs"] == 0 and math.isinf(exact["psnr_db"])
     assert (exact["guided_evals"], exact["conditional_evals"]) == (2, 0)
-    # K = 0 drops guidance everywhere: the output moves (tiny preset: guidance 1.0 -> 2.5, so frame 1 is guided)
+    cut0 = rows["cut0"]  # K = 0 drops guidance everywhere: the output moves (tiny preset: guidance 1.0 -> 2.5)
     assert cut0["latents_rel_l2"] > 1e-3 and cut0["frames_max_abs"] > 0 and math.isfinite(cut0["psnr_db"])
     assert (cut0["guided_evals"], cut0["conditional_evals"]) == (0, 2)
     assert 0 <= cut0["frames_mean_abs"] <= cut0["frames_max_abs"] <= 255
     assert cut0["psnr_worst_frame_db"] <= cut0["psnr_db"]
+    assert rows["f3"]["skipped_temporal_units"] == 16 and rows["f3"]["latents_rel_l2"] > 0  # round(0.5 * 16 * 2)
+    assert rows["cache"]["reuse_steps"] == 1 and rows["cache"]["latents_rel_l2"] > 0
+    for row in rows.values():
+        assert len(row["time_ratios"]) == 2 and row["time_ratio"] > 0
+    json.dumps(r, default=str)
 
 
-def test_guidance_cut_rejects_steps_outside_the_schedule(tiny_model):
-    with pytest.raises(ValueError, match="outside"):
-        gc.measure(tiny_model, steps=2, cuts=[3], log=QUIET)
+def test_option_variants_are_checked_before_running(tiny_model):
+    with pytest.raises(ValueError, match="guidance_cut_step"):
+        mo.measure(tiny_model, steps=2, variants=[("bad", {"guidance_cut_step": 3})], log=QUIET)
+    assert mo.parse_variant("a:cache_interval=2,cache_depth=0") == ("a", {"cache_interval": 2, "cache_depth": 0})
+    assert mo.parse_variant("f3_ratio=0.2") == ("f3_ratio=0.2", {"f3_ratio": 0.2})
+    for bad in ("x:unknown=1", "x:cache_interval=two", "x:"):
+        with pytest.raises(ValueError):
+            mo.parse_variant(bad)
 
 
-def test_guidance_cut_helpers():
-    assert gc.default_cuts(10) == [0, 4, 6, 8, 10]
-    assert gc.default_cuts(1) == [0, 1]
+def test_metric_helpers():
+    assert mo.default_cuts(10) == [0, 4, 6, 8, 10]
+    assert mo.default_cuts(1) == [0, 1]
     frames = torch.zeros(2, 4, 4, 3, dtype=torch.uint8)
     other = frames.clone()
     other[1, 0, 0, 0] = 255  # one pixel fully wrong in frame 1
-    m = gc.frame_metrics(other, frames)
+    m = mo.frame_metrics(other, frames)
     assert m["frames_max_abs"] == 255 and m["frames_mean_abs"] == pytest.approx(255 / 96)
     assert m["psnr_db"] == pytest.approx(10 * math.log10(96))
     assert m["psnr_worst_frame_db"] == pytest.approx(10 * math.log10(48))
