@@ -157,3 +157,15 @@ def test_f3_rows_from_a_schedule(tmp_path):
 def cm_args(path, ratios, cuts):
     import argparse
     return argparse.Namespace(f3_schedule=str(path), f3_ratio=ratios, f3_statistic="attention", cut_steps=cuts)
+
+
+def test_committed_full_width_schedule_counts_at_full_size():
+    """tests/data/f3_fullwidth_random_25steps.json (README: `tools/measure_options.py --model fullwidth --steps 25
+    --f3-save ... --calibrate-only`) ranks SVD's 16 temporal blocks over 25 steps, so it counts SVD-XT videos."""
+    from svdlite import F3Schedule
+
+    schedule = F3Schedule.load(Path(__file__).parent / "data" / "f3_fullwidth_random_25steps.json")
+    assert list(schedule.units) == cm.unet(True).temporal_units() and schedule.num_steps == 25
+    assert schedule.settings["num_inference_steps"] == 25 and schedule.model["parameters"] == VCUT_PARAMS
+    plan = cm.make_plan(25, f3=(schedule, 0.3, "attention"))
+    assert sum(len(s.skip_temporal) for s in plan.steps) == 120  # round(0.3 * 16 * 25)
