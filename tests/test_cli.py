@@ -22,15 +22,39 @@ def svdlite_cmd(*args, check=True):
     return subprocess.run([exe, *map(str, args)], capture_output=True, text=True, check=check, timeout=300)
 
 
-@pytest.mark.parametrize("args", [(), ("generate",), ("info",)])
+@pytest.mark.parametrize("args", [(), ("generate",), ("info",), ("calibrate",)])
 def test_help(args):
     out = svdlite_cmd(*args, "--help").stdout
     assert "usage: svdlite" in out
     if args == ("generate",):
         for option in ("--model", "--seed", "--num-frames", "--steps", "--fps", "--motion-bucket-id",
                        "--noise-aug-strength", "--min-guidance", "--max-guidance", "--decode-chunk-size", "--height",
-                       "--width", "--device", "--dtype", "--force", "--guidance-cut-step"):
+                       "--width", "--device", "--dtype", "--force", "--guidance-cut-step", "--f3-schedule",
+                       "--f3-ratio", "--f3-statistic", "--cache-interval", "--cache-depth", "--speed", "--schedule"):
             assert option in out
+
+
+def test_calibrate_then_generate_with_f3(tmp_path):
+    small = ("--model", "tiny", "--num-frames", 3, "--steps", 2, "--height", 64, "--width", 64, "--no-progress")
+    schedule = tmp_path / "f3.json"
+    result = svdlite_cmd("calibrate", EXAMPLE, EXAMPLE, "-o", schedule, "--seed", 4, *small)
+    assert "16 temporal blocks x 2 steps = 32 units, 2 image(s)" in result.stdout
+    saved = svdlite.F3Schedule.load(schedule)
+    assert saved.settings["seed"] == 4 and saved.settings["images"] == 2
+    assert saved == svdlite.calibrate_f3([EXAMPLE, EXAMPLE], model="tiny", seed=4, num_frames=3, num_inference_steps=2,
+                                         height=64, width=64, progress=False)  # the CLI passes its options on
+    again = svdlite_cmd("calibrate", EXAMPLE, "-o", schedule, *small, check=False)
+    assert again.returncode == 2 and "exists" in again.stderr
+    out = tmp_path / "f3.mp4"
+    svdlite_cmd("generate", EXAMPLE, "-o", out, "--f3-schedule", schedule, "--f3-ratio", 0.5, "--seed", 1, *small)
+    assert out.is_file()
+    bad = svdlite_cmd("generate", EXAMPLE, "-o", tmp_path / "x.mp4", "--f3-schedule", schedule, "--f3-ratio", 1.5,
+                      *small, check=False)
+    assert bad.returncode == 1 and "f3_ratio must be a number in [0, 1)" in bad.stderr and "Traceback" not in bad.stderr
+    other = svdlite_cmd("generate", EXAMPLE, "-o", tmp_path / "x.mp4", "--f3-schedule", schedule, "--f3-ratio", 0.2,
+                        *small[:-3], "--steps", 3, check=False)
+    assert other.returncode == 1 and "num_inference_steps=2, this run uses 3" in other.stderr
+    assert not (tmp_path / "x.mp4").exists()
 
 
 def test_generate_writes_a_readable_video_and_refuses_to_overwrite(tmp_path):
