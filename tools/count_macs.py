@@ -41,9 +41,9 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode, flop_registry
 
-from svdlite import sampling
 from svdlite.clip import CLIPVisionConfig, build_image_encoder
 from svdlite.f3 import F3Schedule
+from svdlite.pipeline import noise_schedule
 from svdlite.plan import SPEED_LEVELS, build_plan
 from svdlite.presets import PRESETS
 from svdlite.unet import UNetConfig, VideoUNet
@@ -209,7 +209,7 @@ def make_plan(steps: int, cut: int | None = None, f3: tuple | None = None, cache
               cache_depth: int | None = None, schedule: str = "edm"):
     """The plan svdlite.generate builds for these options (guidance on, as in every preset but tiny).
     f3: (F3Schedule, ratio, statistic); only its ranking is used, so it counts at any frame count and size."""
-    sigmas = sampling.ays_sigmas(steps) if schedule == "ays" else sampling.edm_sigmas(steps)
+    sigmas, _ = noise_schedule(steps, schedule)
     skip = None
     if f3 is not None:
         schedule_f3, ratio, statistic = f3
