@@ -117,7 +117,7 @@ def test_option_rows(tiny_model):
     assert rows["f3"]["skipped_temporal_units"] == 16 and rows["f3"]["latents_rel_l2"] > 0  # round(0.5 * 16 * 2)
     assert rows["cache"]["reuse_steps"] == 1 and rows["cache"]["latents_rel_l2"] > 0
     for row in rows.values():
-        assert len(row["time_ratios"]) == 2 and row["time_ratio"] > 0
+        assert len(row["time_ratios"]) == len(row["cpu_ratios"]) == 2 and row["time_ratio"] > 0 < row["cpu_ratio"]
     json.dumps(r, default=str)
 
 

@@ -12,7 +12,8 @@ seed and image as the exact run and reported with: the relative L2 distance of i
 ones (||z - z_exact|| / ||z_exact||), the mean and max absolute difference of the uint8 frames, the PSNR of all
 frames and of the worst frame, its UNet work (guided + conditional calls, skipped temporal units, cache-reusing
 steps), and its time: every round runs the exact computation and every variant once, in turn, and the time ratio
-is the median over rounds of variant / exact within a round (whole `generate` calls, decoding included).
+is the median over rounds of variant / exact within a round (whole `generate` calls, decoding included), for wall time and for the process's CPU time (robust on a shared
+machine).
 
 F3 variants need a schedule: `--f3-schedule`, or one is calibrated here on the same image with seed + 1 and the
 run's settings (so the ranking is not fitted to the measured noise).
@@ -28,6 +29,7 @@ Random weights say nothing about visual quality; see the caveat the script print
 import argparse
 import json
 import math
+import os
 import shlex
 import statistics
 import sys
@@ -158,13 +160,15 @@ def measure(model: SVDModel, image=EXAMPLE, *, variants: list[tuple[str, dict]],
     kwargs = dict(model=model, seed=seed, device=device, dtype=dtype, progress=False) | settings
     runs = [("exact", {})] + variants
     seconds = {name: [] for name, _ in runs}
+    cpu = {name: [] for name, _ in runs}
     outputs = {}
     for r in range(rounds):
         for name, options in runs[r % len(runs):] + runs[:r % len(runs)]:  # rotate who runs first
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             outputs[name] = svdlite.generate(image, **(kwargs | options))
             seconds[name].append(time.perf_counter() - start)
-            log(f"round {r + 1}/{rounds} {name}: {seconds[name][-1]:.1f}s")
+            cpu[name].append(time.process_time() - start_cpu)
+            log(f"round {r + 1}/{rounds} {name}: {seconds[name][-1]:.1f}s wall, {cpu[name][-1]:.1f}s CPU")
     exact = outputs["exact"]
     ref = exact.latents.double()
     rows = []
@@ -172,13 +176,16 @@ def measure(model: SVDModel, image=EXAMPLE, *, variants: list[tuple[str, dict]],
         video = outputs[name]
         rel_l2 = ((video.latents.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
         ratios = [v / e for v, e in zip(seconds[name], seconds["exact"])]
+        cpu_ratios = [v / e for v, e in zip(cpu[name], cpu["exact"])]
         rows.append({"variant": name, "options": {k: v for k, v in options.items() if k != "f3_schedule"},
                      **summaries[name], "latents_rel_l2": rel_l2, **frame_metrics(video.frames, exact.frames),
                      "seconds": statistics.median(seconds[name]), "time_ratio": statistics.median(ratios),
-                     "time_ratios": ratios})
+                     "time_ratios": ratios, "cpu_seconds": statistics.median(cpu[name]),
+                     "cpu_ratio": statistics.median(cpu_ratios), "cpu_ratios": cpu_ratios})
     return {"source": model.source, "preset": model.preset, **settings, "seed": seed, "rounds": rounds,
             "min_guidance_scale": d.min_guidance_scale, "max_guidance_scale": d.max_guidance_scale,
-            "exact_seconds": statistics.median(seconds["exact"]), "image": str(image),
+            "exact_seconds": statistics.median(seconds["exact"]), "exact_cpu_seconds": statistics.median(cpu["exact"]),
+            "load_average": os.getloadavg(), "threads": torch.get_num_threads(), "image": str(image),
             "dtype": str(dtype).replace("torch.", ""), "device": str(device), "rows": rows}
 
 
@@ -192,20 +199,22 @@ def print_table(r: dict, command: str, real_command: str, what: str) -> None:
           f"over the frames)")
     print(f"{r['num_frames']} frames, {r['height']}x{r['width']} px, {r['num_inference_steps']} steps, seed {r['seed']}, "
           f"{r['dtype']} on {r['device']}, image {r['image']}; {r['rounds']} round(s), exact run "
-          f"{r['exact_seconds']:.1f}s (median)")
+          f"{r['exact_seconds']:.1f}s wall / {r['exact_cpu_seconds']:.1f}s CPU (median); load average "
+          f"{', '.join(f'{v:.1f}' for v in r['load_average'])}")
     print("every row is compared with the exact run (no option) with the same seed and settings\n")
-    header = (f"{'variant':<26}{'steps':>6}{'g+c evals':>10}{'F3 skip':>8}{'reuse':>6}{'time ratio':>11}"
+    header = (f"{'variant':<26}{'steps':>6}{'g+c evals':>10}{'F3 skip':>8}{'reuse':>6}{'CPU ratio':>10}{'wall ratio':>11}"
               f"{'latents rel L2':>16}{'frames max|d|':>14}{'PSNR dB':>9}{'worst frame':>12}")
     print(header)
     print("-" * len(header))
     for row in r["rows"]:
         evals = f"{row['guided_evals']}+{row['conditional_evals']}"
         print(f"{row['variant']:<26}{row['steps']:>6}{evals:>10}{row['skipped_temporal_units']:>8}"
-              f"{row['reuse_steps']:>6}{row['time_ratio']:>11.3f}{row['latents_rel_l2']:>16.3e}"
+              f"{row['reuse_steps']:>6}{row['cpu_ratio']:>10.3f}{row['time_ratio']:>11.3f}{row['latents_rel_l2']:>16.3e}"
               f"{row['frames_max_abs']:>14d}{_fmt_psnr(row['psnr_db']):>9}{_fmt_psnr(row['psnr_worst_frame_db']):>12}")
     print("\n(g+c evals: guided UNet calls on 2*frames + conditional-only calls on frames; F3 skip: skipped "
-          "temporal units of all blocks x steps; reuse: steps that reuse the cached deep features; time ratio: "
-          "median of variant / exact over the rounds, whole generate calls; frames |d| in uint8 levels.)\n")
+          "temporal units of all blocks x steps; reuse: steps that reuse the cached deep features; CPU / wall ratio: "
+          "median over the rounds of variant / exact process CPU time (all threads; robust on a shared machine) and "
+          "wall time, whole generate calls; frames |d| in uint8 levels.)\n")
     print(CAVEAT.format(what=what, command=real_command))
 
 
@@ -245,6 +254,8 @@ def main(argv=None) -> int:
     parser.add_argument("--f3-save", help="also write the F3 schedule used (calibrated here) to this file")
     parser.add_argument("--calibrate-only", action="store_true", help="with --f3-save: only calibrate and save")
     parser.add_argument("--rounds", type=int, default=1, help="timing rounds (each runs exact and every variant)")
+    parser.add_argument("--threads", type=int, help="torch threads (1 makes the CPU-time ratio robust to other load: "
+                                                     "no thread spins while it waits for a core)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--image", default=str(EXAMPLE))
     parser.add_argument("--device", default="cpu")
@@ -252,6 +263,10 @@ def main(argv=None) -> int:
     parser.add_argument("--json", action="store_true", help="print the result as one JSON dict")
     args = parser.parse_args(argv)
     command = shlex.join([sys.executable, "tools/measure_options.py", *(sys.argv[1:] if argv is None else argv)])
+    if args.threads is not None:
+        if args.threads < 1:
+            parser.error(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
     dtype = DTYPES[args.dtype]
     size = dict(steps=args.steps, frames=args.frames, height=args.height, width=args.width)
     if args.model == "fullwidth":
