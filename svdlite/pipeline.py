@@ -8,55 +8,16 @@ augmentation, then the initial latents.
 import math
 from pathlib import Path
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from . import sampling
+from . import checks, sampling
 from .clip import encode_image
 from .components import SVDModel, load_model
 from .conditioning import augment_condition_image, cfg_batch, fps_id_from_fps, micro_conditioning
+from .image import load_image, open_image
 from .vae import decode_latents
 from .video import Video, to_uint8_frames
-
-
-def load_image(image, height: int, width: int) -> torch.Tensor:
-    """A path, PIL image or tensor -> (1, 3, height, width) float32 in [-1, 1].
-
-    Tensors are (3, H, W) or (1, 3, H, W) in [0, 1] (diffusers' convention). An image of another size is scaled
-    to cover height x width (Lanczos, aspect kept) and centre-cropped, as sgm's gradio demo does."""
-    from PIL import Image
-
-    if isinstance(image, (str, Path)):
-        with Image.open(image) as img:
-            image = img.convert("RGB")
-    if isinstance(image, Image.Image):
-        image = image.convert("RGB")
-        if image.size != (width, height):
-            scale = max(width / image.width, height / image.height)
-            size = (max(width, round(image.width * scale)), max(height, round(image.height * scale)))
-            image = image.resize(size, Image.LANCZOS)
-            left, top = (size[0] - width) // 2, (size[1] - height) // 2
-            image = image.crop((left, top, left + width, top + height))
-        image = torch.from_numpy(np.asarray(image).astype(np.float32) / 255.0).permute(2, 0, 1)
-    if not isinstance(image, torch.Tensor):
-        raise TypeError(f"image must be a path, a PIL image or a tensor, got {type(image).__name__}")
-    if image.ndim == 3:
-        image = image[None]
-    if image.ndim != 4 or image.shape[:2] != (1, 3):
-        raise ValueError(f"image tensor must be (3, H, W) or (1, 3, H, W), got {tuple(image.shape)}")
-    if image.shape[-2:] != (height, width):
-        raise ValueError(f"image tensor is {tuple(image.shape[-2:])}, expected (height, width) = ({height}, {width}); "
-                         "pass a PIL image or a path to have it resized")
-    if image.min() < 0 or image.max() > 1:
-        raise ValueError(f"image tensor values must lie in [0, 1], got [{image.min():.3g}, {image.max():.3g}]")
-    return image.float() * 2.0 - 1.0
-
-
-def _check_size(model: SVDModel, height: int, width: int) -> None:
-    multiple = model.vae_config.downscale * model.unet.config.latent_downscale
-    if height % multiple or width % multiple or height <= 0 or width <= 0:
-        raise ValueError(f"height and width must be positive multiples of {multiple}, got {height}x{width}")
 
 
 @torch.no_grad()
@@ -65,18 +26,34 @@ def generate(image, *, model="svd-xt", num_frames: int | None = None, num_infere
              min_guidance_scale: float | None = None, max_guidance_scale: float | None = None,
              decode_chunk_size: int | None = None, height: int | None = None, width: int | None = None,
              seed: int | None = None, generator: torch.Generator | None = None, latents: torch.Tensor | None = None,
-             guidance_cut_step: int | None = None, device="cpu", dtype: torch.dtype = torch.float32,
+             guidance_cut_step: int | None = None, device=None, dtype: torch.dtype | None = None,
              progress: bool = True, token: str | None = None) -> Video:
     """Generate a video from one image. Unset arguments take the preset's defaults (`model.sampling`).
 
     model: an `SVDModel` from `load_model`, or anything `load_model` takes (preset name, file, folder).
+    device, dtype: where and in which precision the UNet and CLIP run; by default a loaded model's own, else
+        cpu and float32. A loaded model is never moved or cast: asking for another device or dtype is an error.
     fps: the frame rate; the model is conditioned on fps - 1 (fps=7 reproduces sgm's official script).
-    latents: the initial noise at unit variance, (num_frames, 4, height/8, width/8), as diffusers takes it.
+    latents: the initial noise at unit variance, (num_frames, 4, height/8, width/8), or (1, num_frames, ...) as
+        diffusers takes it.
     guidance_cut_step: from this step on only the conditional branch runs (approximate; None = exact).
     Returns a `Video` (uint8 frames, fps) whose `latents` are the final denoised latents.
+    Settings, image and device are checked before the model is loaded; non-finite values stop the run.
     """
+    settings = dict(num_frames=num_frames, num_inference_steps=num_inference_steps, fps=fps,
+                    motion_bucket_id=motion_bucket_id, noise_aug_strength=noise_aug_strength,
+                    min_guidance_scale=min_guidance_scale, max_guidance_scale=max_guidance_scale,
+                    decode_chunk_size=decode_chunk_size, height=height, width=width, seed=seed,
+                    guidance_cut_step=guidance_cut_step)
+    checks.check_settings(**settings)
+    if seed is not None and generator is not None:
+        raise ValueError("pass either seed or generator, not both")
+    if isinstance(image, (str, Path)):
+        image = open_image(image)  # a bad file fails here, before the model loads
     if not isinstance(model, SVDModel):
-        model = load_model(model, device=device, dtype=dtype, token=token)
+        model = load_model(model, device=checks.resolve_device(device or "cpu"),
+                           dtype=checks.check_dtype(dtype or torch.float32), token=token)
+    dev, dtype = checks.model_device_dtype(model.unet, device, dtype)
     d = model.sampling
     num_frames = d.num_frames if num_frames is None else num_frames
     steps = d.num_inference_steps if num_inference_steps is None else num_inference_steps
@@ -87,27 +64,24 @@ def generate(image, *, model="svd-xt", num_frames: int | None = None, num_infere
     max_g = d.max_guidance_scale if max_guidance_scale is None else max_guidance_scale
     chunk = d.decode_chunk_size if decode_chunk_size is None else decode_chunk_size
     height, width = d.height if height is None else height, d.width if width is None else width
-    for name, value in (("num_frames", num_frames), ("num_inference_steps", steps), ("decode_chunk_size", chunk)):
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
-    _check_size(model, height, width)
-    if seed is not None and generator is not None:
-        raise ValueError("pass either seed or generator, not both")
+    checks.check_settings(num_frames=num_frames, num_inference_steps=steps, fps=fps, motion_bucket_id=motion_bucket_id,
+                          noise_aug_strength=aug, min_guidance_scale=min_g, max_guidance_scale=max_g,
+                          decode_chunk_size=chunk, height=height, width=width, guidance_cut_step=guidance_cut_step,
+                          size_multiple=model.vae_config.downscale * model.unet.config.latent_downscale)
     if generator is None:
         generator = torch.Generator().manual_seed(seed if seed is not None else torch.seed())
-    if guidance_cut_step is not None and not 0 <= guidance_cut_step <= steps:
-        raise ValueError(f"guidance_cut_step must be in [0, {steps}], got {guidance_cut_step}")
-    dev = torch.device(device)
 
     pixels = load_image(image, height, width).to(dev)
     image_embeds = encode_image(model.image_encoder, pixels).float()  # preprocesses (224 resize, CLIP norm)
     cond_pixels = augment_condition_image(pixels, aug, generator)
     cond_latent = model.vae_encoder(cond_pixels).float()
+    checks.check_finite(torch.cat([image_embeds.flatten(), cond_latent.flatten()]), "the CLIP embedding and VAE "
+                        "latent of the image", "the image encoder or VAE encoder weights hold NaN/inf (corrupt file?)")
     latent_shape = (num_frames, cond_latent.shape[1], *cond_latent.shape[-2:])
     if latents is None:
         latents = torch.randn(latent_shape, generator=generator, device=generator.device)
-    elif tuple(latents.shape) != latent_shape:
-        raise ValueError(f"latents must have shape {latent_shape}, got {tuple(latents.shape)}")
+    else:
+        latents = checks.check_latents(latents, latent_shape)
     vector = micro_conditioning(fps_id_from_fps(fps), motion_bucket_id, aug, 1, device=dev)
     batch = cfg_batch(image_embeds, cond_latent, vector, num_frames)
     sigmas = sampling.edm_sigmas(steps, device=dev)
@@ -115,7 +89,11 @@ def generate(image, *, model="svd-xt", num_frames: int | None = None, num_infere
     denoise = make_denoiser(model, batch, num_frames, min_g, max_g, sigmas, guidance_cut_step, dtype)
     with tqdm(total=steps, desc="denoising", disable=not progress) as bar:
         x = sampling.sample_euler_edm(denoise, x, sigmas, callback=lambda info: bar.update(1))
+    checks.check_finite(x, "the latents after sampling", f"the UNet ran in {dtype}: try float32 (CLI: --dtype fp32) "
+                        "or bf16, and check the UNet weights for NaN/inf")
     frames = decode(model, x, num_frames, chunk, progress)
+    checks.check_finite(frames, "the decoded frames", "the VAE decoder (float32) produced them from finite latents: "
+                        "its weights hold NaN/inf (corrupt file?)")
     return Video(to_uint8_frames(frames), float(fps), latents=x.cpu())
 
 

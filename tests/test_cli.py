@@ -82,7 +82,7 @@ def test_explicit_latents_equal_seeded_run(tiny):
 
 
 def test_bad_arguments(tiny):
-    with pytest.raises(ValueError, match="multiples of 64"):
+    with pytest.raises(ValueError, match="multiple of 64"):
         generate(EXAMPLE, model=tiny, height=100, progress=False)
     with pytest.raises(ValueError, match="num_frames must be a positive int"):
         generate(EXAMPLE, model=tiny, num_frames=0, progress=False)
