@@ -275,22 +275,34 @@ def describe(model) -> list[str]:
                 f"original single file: {p.single_file}", f"sampling defaults: {p.sampling}",
                 "run `svdlite info PATH` on a downloaded or local checkpoint for its tensors and parameters"]
     path, preset = resolve_model_path(model)
-    ms = open_model_source(path, preset)
+    ms = open_model_source(path, preset, require_all=False)
     lines = [f"checkpoint: {path}", f"format: {ms.fmt}", f"preset: {ms.preset} (sampling defaults: "
              f"{PRESETS[ms.preset].sampling})"]
     meta = ms.files["unet"].metadata
     for key in ("format_version", "svdlite_version", "source_sha256", "source"):
         if key in meta:
             lines.append(f"{key}: {meta[key]}")
-    total_file, total_loaded = 0, 0
+    total_file, total_loaded, incomplete = 0, 0, []
     for component in COMPONENTS:
+        if component not in ms.files:
+            lines.append(f"{component}: absent")
+            incomplete.append(component)
+            continue
         model_ = build_component(component, ms)
         plan, scope, _ = component_plan(ms, component, model_)
         src = ms.files[component]
+        needed = {s for e in plan.values() for s in e.sources}
+        if needed - src.keys():
+            lines.append(f"{component}: {len(needed - src.keys())} of the {len(needed)} tensors svdlite reads are "
+                         f"absent (e.g. {sorted(needed - src.keys())[0]})")
+            incomplete.append(component)
+            continue
         in_file = sum(torch.Size(src.shape(k)).numel() for k in scope)
         loaded = sum(p.numel() for p in model_.state_dict().values())
         total_file, total_loaded = total_file + in_file, total_loaded + loaded
         lines.append(f"{component}: {len(scope)} tensors, {in_file:,} parameters in the file; svdlite loads "
                      f"{loaded:,} from {len({s for e in plan.values() for s in e.sources})} tensors")
     lines.append(f"total: {total_file:,} parameters in the components' tensors; {total_loaded:,} loaded")
+    lines.append(f"complete: no, {', '.join(incomplete)} missing; generation needs all four components" if incomplete
+                 else "complete: yes, every tensor generation reads is there (shapes are checked when loading)")
     return lines

@@ -25,11 +25,11 @@ def check_output(path, *, overwrite: bool = False) -> Path:
     """Refuse an output path that cannot be written, before any work: unknown suffix, an existing file (unless
     `overwrite`), a folder, a missing or unwritable folder. Returns the path."""
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"output {path} is a folder; expected a file name such as {path / 'video.mp4'}")
     if path.suffix.lower() not in CODECS:
         raise ValueError(f"cannot write {path}: unknown video suffix {path.suffix!r}; expected one of "
                          f"{', '.join(sorted(CODECS))}")
-    if path.is_dir():
-        raise IsADirectoryError(f"output {path} is a folder; expected a file name such as {path / 'video.mp4'}")
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists; pass overwrite=True (CLI: --force) to replace it")
     folder = path.parent
