@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from svdlite.cli import EXIT_INTERRUPTED, EXIT_TERMINATED, Terminated, sigterm_raises
 from svdlite.components import open_model_source
 from svdlite.convert import convert
 from svdlite.presets import PRESETS
@@ -38,12 +39,19 @@ def main(argv=None) -> int:
         print("error: OUT must differ from SRC", file=sys.stderr)
         return 2
     try:
-        source = open_model_source(args.src, args.preset, require_all=False)
-        print(f"source: {args.src} ({source.fmt} format, preset {source.preset})")
-        convert(source, args.out, dtype=DTYPES[args.dtype], force=args.force)
+        with sigterm_raises():  # Ctrl-C and SIGTERM unwind, so the temporary file is removed
+            source = open_model_source(args.src, args.preset, require_all=False)
+            print(f"source: {args.src} ({source.fmt} format, preset {source.preset})")
+            convert(source, args.out, dtype=DTYPES[args.dtype], force=args.force)
     except (ValueError, OSError, RuntimeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("interrupted; nothing was written", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Terminated:
+        print("terminated; nothing was written", file=sys.stderr)
+        return EXIT_TERMINATED
     return 0
 
 
