@@ -19,12 +19,14 @@ MAX_PIXELS = 2**27  # 134M pixels, e.g. 11585x11585: refused above this, before 
 WHITE = (255, 255, 255)
 
 
+class ImageError(ValueError):
+    """An input image svdlite cannot use; the message names the file (or the image) and the cause."""
+
+
 def open_image(path):
     """Read an image file fully -> an RGB PIL image (first frame, EXIF orientation applied, alpha over white).
 
-    Every failure is a ValueError / FileNotFoundError naming the file and the cause."""
-    import warnings
-
+    Every failure is an ImageError (a ValueError), FileNotFoundError or PermissionError naming the file."""
     from PIL import Image, UnidentifiedImageError
 
     path = Path(path)
@@ -33,24 +35,35 @@ def open_image(path):
     if path.is_dir():
         raise IsADirectoryError(f"input image {path} is a folder; expected an image file")
     if path.stat().st_size == 0:
-        raise ValueError(f"input image {path} is empty (0 bytes)")
-    too_big = (f"input image {path} is {{}} pixels; svdlite reads images of at most {MAX_PIXELS:,} pixels "
-               "(scale it down first)")
+        raise ImageError(f"input image {path} is empty (0 bytes)")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # MAX_PIXELS is the limit here
-            with Image.open(path) as img:
-                if img.width * img.height > MAX_PIXELS:
-                    raise ValueError(too_big.format(f"{img.width}x{img.height}"))
-                img.seek(0)  # multi-frame files: the first frame
-                img.load()
-                return to_rgb(img, name=str(path))
+        return _read(path)
+    except (ImageError, PermissionError):
+        raise
     except UnidentifiedImageError as err:
-        raise ValueError(f"input image {path} is not an image PIL can read (PNG, JPEG, WebP, ...)") from err
-    except Image.DecompressionBombError as err:
-        raise ValueError(too_big.format(f"more than {2 * Image.MAX_IMAGE_PIXELS:,}")) from err
-    except (OSError, SyntaxError, EOFError) as err:  # PIL reports truncated/corrupt data as these
-        raise ValueError(f"input image {path} is corrupt or truncated ({err})") from err
+        raise ImageError(f"input image {path} is not an image PIL can read (PNG, JPEG, WebP, ...)") from err
+    except (Image.DecompressionBombError, MemoryError) as err:
+        raise ImageError(f"input image {path} is too large to decode; svdlite reads images of at most "
+                         f"{MAX_PIXELS:,} pixels (scale it down first)") from err
+    except Exception as err:  # noqa: BLE001 - PIL's decoders raise many types (OSError, ValueError, SyntaxError,
+        # struct.error, IndexError, ...) on damaged data; all of them mean the same thing here
+        raise ImageError(f"input image {path} is corrupt or truncated ({type(err).__name__}: {err})") from err
+
+
+def _read(path: Path):
+    import warnings
+
+    from PIL import Image
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # MAX_PIXELS is the limit here
+        with Image.open(path) as img:
+            if img.width * img.height > MAX_PIXELS:
+                raise ImageError(f"input image {path} is {img.width}x{img.height} pixels; svdlite reads images of "
+                                 f"at most {MAX_PIXELS:,} pixels (scale it down first)")
+            img.seek(0)  # multi-frame files: the first frame
+            img.load()
+            return to_rgb(img, name=str(path))
 
 
 def to_rgb(img, name: str = "image"):
@@ -69,7 +82,7 @@ def to_rgb(img, name: str = "image"):
     try:
         return img.convert("RGB")
     except ValueError as err:
-        raise ValueError(f"{name}: cannot convert PIL mode {img.mode!r} to RGB ({err})") from err
+        raise ImageError(f"{name}: cannot convert PIL mode {img.mode!r} to RGB ({err})") from err
 
 
 def _gray_to_uint8(img, name: str) -> np.ndarray:
@@ -80,7 +93,7 @@ def _gray_to_uint8(img, name: str) -> np.ndarray:
     else:
         low, high, full = 0.0, 65535.0, 65535.0
     if values.size and not (np.isfinite(values).all() and values.min() >= low and values.max() <= high):
-        raise ValueError(f"{name}: PIL mode {img.mode!r} values must lie in [{low:g}, {high:g}], got "
+        raise ImageError(f"{name}: PIL mode {img.mode!r} values must lie in [{low:g}, {high:g}], got "
                          f"[{np.nanmin(values):g}, {np.nanmax(values):g}]")
     return np.round(values * (255.0 / full)).astype(np.uint8)
 
@@ -108,11 +121,12 @@ def check_image_tensor(image: torch.Tensor, height: int, width: int) -> torch.Te
     if image.is_floating_point() is False:
         raise ValueError(f"image tensor must be floating point with values in [0, 1], got {image.dtype}"
                          + ("; divide a uint8 image by 255" if image.dtype == torch.uint8 else ""))
+    given = tuple(image.shape)
     if image.ndim == 3:
         image = image[None]
     if image.ndim != 4 or image.shape[:2] != (1, 3):
-        hint = "; channels come first: (3, H, W)" if image.shape[-1] == 3 else ""
-        raise ValueError(f"image tensor must be (3, H, W) or (1, 3, H, W), got {tuple(image.shape)}{hint}")
+        hint = "; channels come first: (3, H, W)" if given[-1:] == (3,) else ""
+        raise ValueError(f"image tensor must be (3, H, W) or (1, 3, H, W), got {given}{hint}")
     if image.shape[-2:] != (height, width):
         raise ValueError(f"image tensor is {tuple(image.shape[-2:])}, expected (height, width) = ({height}, {width}); "
                          "pass a PIL image or a path to have it resized")
