@@ -28,7 +28,8 @@ FORMAT_VERSION = "1"
 DROPPED = (
     (NEVER_READ_SUFFIXES, "cross-attention to_q/to_k (no effect: softmax over one CLIP token is 1)"),
     (("attn2.to_v.weight", "attn2.to_out.0.weight", "attn2.to_out.0.bias"), "cross-attention to_v/to_out, stored folded"),
-    (("first_stage_model.encoder.",), "first_stage_model encoder (SVD encodes with the conditioner's copy)"),
+    (("first_stage_model.encoder.", "first_stage_model.quant_conv."),
+     "first_stage_model encoder (SVD encodes with the conditioner's copy)"),
     (("conditioner.embedders.3.encoder.decoder.", "conditioner.embedders.3.encoder.post_quant_conv."),
      "the conditioner's 2-D image decoder (never run)"),
     (("conditioner.embedders.0.open_clip.model.",), "OpenCLIP text-side leftovers"),
@@ -55,7 +56,8 @@ def config_metadata(ms: ModelSource, components) -> dict[str, str]:
     return {"unet_config": json.dumps(ms.unet_config.to_dict()),
             "vae_config": json.dumps(dataclasses.asdict(ms.vae_config)),
             "clip_config": json.dumps(dataclasses.asdict(ms.clip_config)),
-            "components": ",".join(components)}
+            "components": ",".join(components),
+            **({"vae_decoder": "frame"} if ms.frame_decoder else {})}
 
 
 def present_components(ms: ModelSource) -> list[str]:
