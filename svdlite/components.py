@@ -84,7 +84,10 @@ def open_model_source(path, preset: str | None = None, *, require_all: bool = Tr
                  "image_encoder": _first_file(path / "image_encoder", DIFFUSERS_FILES["image_encoder"])}
         absent = [f"{k}/" for k, v in parts.items() if v is None]
         if parts["unet"] is None or (absent and require_all):
-            raise CheckpointError(f"{path} is not a complete diffusers SVD folder: no weights in {', '.join(absent)}")
+            pickles = sorted(str(f.relative_to(path)) for k in absent for f in (path / k).glob("*.bin"))
+            raise CheckpointError(f"{path} is not a complete diffusers SVD folder: no weights in {', '.join(absent)}"
+                                  + (f" ({', '.join(pickles)} are pickle files, which svdlite never loads; use the "
+                                     ".safetensors files of the same repository)" if pickles else ""))
         files = {"unet": TensorSource(parts["unet"])}
         if parts["vae"]:
             files["vae_encoder"] = files["vae_decoder"] = TensorSource(parts["vae"])

@@ -200,3 +200,45 @@ def test_a_bad_image_fails_before_the_model_loads(tmp_path, monkeypatch):
     (tmp_path / "x.png").write_bytes(b"GIF89a nonsense")
     with pytest.raises(ValueError, match="x.png is corrupt or truncated|x.png is not an image"):
         generate(tmp_path / "x.png", model="tiny", progress=False)
+
+
+def test_unwritable_output_folder_is_refused_before_the_model_loads(tmp_path, monkeypatch, capsys):
+    """As root every folder is writable, so the permission answer is simulated."""
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: False if Path(path) == tmp_path else real_access(path, mode))
+    monkeypatch.setattr("svdlite.components.load_component", lambda *a, **k: pytest.fail("model loaded"))
+    code = cli.main(["generate", str(EXAMPLE), "-o", str(tmp_path / "x.mp4"), "--model", "tiny"])
+    assert code == cli.EXIT_REFUSED and f"folder {tmp_path} is not writable" in capsys.readouterr().err
+
+
+def test_diffusers_folder_with_pickle_weights_says_so(tmp_path):
+    from svdlite.components import open_model_source
+
+    (tmp_path / "unet").mkdir()
+    save_file({"conv_in.weight": torch.zeros(1), "down_blocks.0.temporal_x": torch.zeros(1)},
+              str(tmp_path / "unet" / "diffusion_pytorch_model.safetensors"))
+    (tmp_path / "vae").mkdir()
+    (tmp_path / "vae" / "diffusion_pytorch_model.bin").write_bytes(b"pickle")
+    with pytest.raises(ValueError, match=r"vae/diffusion_pytorch_model.bin are pickle files, which svdlite never"):
+        open_model_source(tmp_path)
+
+
+def test_sigterm_during_conversion_leaves_no_partial_file(tmp_path, monkeypatch, capsys):
+    """The issue's 4.4 GB `.partial` file: the temporary file is removed when SIGTERM arrives while it is written."""
+    import svdlite.convert
+    from test_convert import convert_weights, write_original
+
+    src = tmp_path / "svd.safetensors"
+    write_original(src)
+    real_save = svdlite.convert.save_file
+
+    def save_then_sigterm(tensors, path, metadata=None):
+        real_save(tensors, path, metadata=metadata)
+        assert Path(path).stat().st_size > 0  # a temporary file exists now
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(svdlite.convert, "save_file", save_then_sigterm)
+    out = tmp_path / "out" / "converted.safetensors"
+    assert convert_weights.main([str(src), str(out)]) == cli.EXIT_TERMINATED
+    assert "terminated; nothing was written" in capsys.readouterr().err
+    assert list((tmp_path / "out").iterdir()) == []
