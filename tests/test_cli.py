@@ -53,7 +53,7 @@ def test_info(tmp_path):
     for component in ("unet", "vae_encoder", "vae_decoder", "image_encoder"):
         assert f"{component}:" in out
     bad = svdlite_cmd("info", tmp_path / "missing.safetensors", check=False)
-    assert bad.returncode == 1 and "no such file" in bad.stderr
+    assert bad.returncode == 2 and "no such file" in bad.stderr  # refused before any work (cli.py)
 
 
 @pytest.fixture(scope="module")

@@ -31,6 +31,7 @@ def main(argv=None) -> int:
     p.add_argument("--preset", choices=[k for k in PRESETS], default=None,
                    help="sampling defaults to record (default: guessed from the source's name / config)")
     p.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
     if args.out.exists() and not args.force:
         print(f"error: {args.out} exists; pass --force to overwrite it", file=sys.stderr)
@@ -42,7 +43,7 @@ def main(argv=None) -> int:
         with sigterm_raises():  # Ctrl-C and SIGTERM unwind, so the temporary file is removed
             source = open_model_source(args.src, args.preset, require_all=False)
             print(f"source: {args.src} ({source.fmt} format, preset {source.preset})")
-            convert(source, args.out, dtype=DTYPES[args.dtype], force=args.force)
+            convert(source, args.out, dtype=DTYPES[args.dtype], force=args.force, progress=not args.no_progress)
     except (ValueError, OSError, RuntimeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
