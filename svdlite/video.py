@@ -1,10 +1,11 @@
 """The generated video: uint8 frames plus fps, written as mp4 (H.264), webm (VP9) or gif through PyAV.
 
 Files are reproducible: the same frames give the same bytes. Two things made them differ from run to run:
-x264's macroblock-tree rate control (`mbtree`), whose output changed between runs on identical input (seen on
-an AVX-512 CPU, with one thread as with several; x264 limited to AVX2, or without mbtree, was stable), and the
-matroska muxer's random segment UID in webm files. So mbtree is off, x264's thread count is fixed (its output
-depends on it) and the container is written `bitexact` (no random ids, no library version string).
+x264's macroblock-tree rate control (`mbtree`), whose output changed between encodes of identical input on an
+AVX-512 CPU (with one thread as with several, in some processes more than others; x264 limited to AVX2, or
+without mbtree, was stable: README "Reproducible files"), and the matroska muxer's random segment UID in webm
+files. So mbtree is off, x264's thread count is fixed (its output depends on it) and the container is written
+`bitexact` (no random ids, no library version string).
 """
 import os
 from dataclasses import dataclass
