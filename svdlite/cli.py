@@ -101,7 +101,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="output video: .mp4 (H.264), .webm (VP9) or .gif; its folder must exist")
     g.add_argument("--model", default="svd-xt",
                    help="preset (svd, svd-xt, svd-xt-1.1, tiny), an original .safetensors file, a diffusers folder "
-                        "or an svdlite converted file; presets are downloaded from the Hugging Face Hub (default: svd-xt)")
+                        "or an svdlite converted file; presets are downloaded from the Hugging Face Hub "
+                        "(default: svd-xt)")
     g.add_argument("--seed", type=int, default=None,
                    help="random seed in [0, 2**64); the same seed and settings give the same file "
                         "(default: a random one, printed)")
@@ -125,7 +126,8 @@ def _parser() -> argparse.ArgumentParser:
                                                          "(default: 14, or 7 for svd-xt-1.1)")
     g.add_argument("--height", type=int, help="video height, a multiple of 64 (default: 576)")
     g.add_argument("--width", type=int, help="video width, a multiple of 64 (default: 1024)")
-    g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, mps, or auto: the GPU when there is one (default: auto)")
+    g.add_argument("--device", default="auto",
+                   help="cpu, cuda, cuda:N, mps, or auto: the GPU when there is one (default: auto)")
     g.add_argument("--dtype", choices=DTYPES, default="fp32",
                    help="precision of the UNet and CLIP; the VAE always runs in fp32 (default: fp32)")
     g.add_argument("--force", action="store_true", help="overwrite OUTPUT if it exists")
