@@ -1,21 +1,24 @@
 """F3 calibration: sample a few images with the exact plan and record every temporal unit's statistics (f3.py)."""
+from pathlib import Path
+
 import torch
 
-from . import __version__
+from . import __version__, checks
 from .components import SVDModel, load_model
 from .f3 import STATISTICS, F3Schedule, unet_identity
+from .image import open_image
 from .pipeline import make_generator, make_plan, noise_schedule, resolve_settings, run_settings, sample
 
 
 @torch.no_grad()
-def calibrate_f3(images, *, model="svd-xt", seed: int = 0, schedule: str = "edm", sigmas=None, device="cpu",
-                 dtype: torch.dtype = torch.float32, progress: bool = True, token: str | None = None,
+def calibrate_f3(images, *, model="svd-xt", seed: int = 0, schedule: str | None = None, sigmas=None, device=None,
+                 dtype: torch.dtype | None = None, progress: bool = True, token: str | None = None,
                  **settings) -> F3Schedule:
     """Sample each image with the exact plan and average the F3 statistics of every (step, temporal unit).
 
     Args:
         images: paths, PIL images or tensors, as `generate` takes them (one is enough; more average out).
-        model: an `SVDModel` or anything `load_model` takes.
+        model: an `SVDModel` or anything `load_model` takes; device and dtype as in `generate`.
         seed: image k is sampled with seed + k (noise augmentation and initial latents, as in `generate`).
         schedule, sigmas: the noise schedule, as in `generate`; the step count must match later runs.
         settings: `generate`'s sampling settings (num_frames, num_inference_steps, fps, motion_bucket_id,
@@ -34,8 +37,12 @@ def calibrate_f3(images, *, model="svd-xt", seed: int = 0, schedule: str = "edm"
                                "min_guidance_scale", "max_guidance_scale", "height", "width", "decode_chunk_size"}
     if unknown:
         raise TypeError(f"calibrate_f3 got unknown settings {sorted(unknown)}")
+    checks.check_settings(**settings)
+    images = [open_image(i) if isinstance(i, (str, Path)) else i for i in images]  # bad files fail before loading
     if not isinstance(model, SVDModel):
-        model = load_model(model, device=device, dtype=dtype, token=token)
+        model = load_model(model, device=checks.resolve_device(device or "cpu"),
+                           dtype=checks.check_dtype(dtype or torch.float32), token=token)
+    device, dtype = checks.model_device_dtype(model.unet, device, dtype)
     steps = settings.pop("num_inference_steps", None)
     sigmas, schedule_name = noise_schedule(steps, schedule, sigmas, model.sampling.num_inference_steps)
     s = resolve_settings(model, num_inference_steps=len(sigmas) - 1, **settings)

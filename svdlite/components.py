@@ -18,7 +18,7 @@ from .loading import (SVDLITE_FORMAT, CheckpointError, Entry, TensorSource, diff
 from .presets import PRESETS
 from .unet import UNetConfig, VideoUNet
 from .unet_keymap import ORIGINAL_PREFIX, unet_config_from_diffusers, unet_config_from_shapes
-from .vae import ConditionEncoder, VAEConfig, VideoDecoder
+from .vae import ConditionEncoder, FrameDecoder, VAEConfig, VideoDecoder
 
 COMPONENTS = ("unet", "vae_encoder", "vae_decoder", "image_encoder")
 SVDLITE_PREFIXES = {c: c + "." for c in COMPONENTS}  # svdlite file: `<component>.<module key>`
@@ -32,7 +32,7 @@ class SVDModel:
 
     unet: VideoUNet
     vae_encoder: ConditionEncoder
-    vae_decoder: VideoDecoder
+    vae_decoder: VideoDecoder | FrameDecoder  # FrameDecoder: an *_image_decoder checkpoint, no temporal layers
     image_encoder: nn.Module
     vae_config: VAEConfig
     clip_config: CLIPVisionConfig
@@ -55,6 +55,7 @@ class ModelSource:
     clip_config: CLIPVisionConfig
     preset: str
     path: Path
+    frame_decoder: bool = False  # an *_image_decoder checkpoint: 2-D decoder run per frame (vae.FrameDecoder)
 
 
 def _first_file(folder: Path, names) -> list[Path] | None:
@@ -83,7 +84,10 @@ def open_model_source(path, preset: str | None = None, *, require_all: bool = Tr
                  "image_encoder": _first_file(path / "image_encoder", DIFFUSERS_FILES["image_encoder"])}
         absent = [f"{k}/" for k, v in parts.items() if v is None]
         if parts["unet"] is None or (absent and require_all):
-            raise CheckpointError(f"{path} is not a complete diffusers SVD folder: no weights in {', '.join(absent)}")
+            pickles = sorted(str(f.relative_to(path)) for k in absent for f in (path / k).glob("*.bin"))
+            raise CheckpointError(f"{path} is not a complete diffusers SVD folder: no weights in {', '.join(absent)}"
+                                  + (f" ({', '.join(pickles)} are pickle files, which svdlite never loads; use the "
+                                     ".safetensors files of the same repository)" if pickles else ""))
         files = {"unet": TensorSource(parts["unet"])}
         if parts["vae"]:
             files["vae_encoder"] = files["vae_decoder"] = TensorSource(parts["vae"])
@@ -114,19 +118,17 @@ def open_model_source(path, preset: str | None = None, *, require_all: bool = Tr
         return ModelSource(fmt, files, UNetConfig.from_dict(json.loads(meta["unet_config"])),
                            VAEConfig.from_dict(json.loads(meta["vae_config"])),
                            CLIPVisionConfig(**json.loads(meta["clip_config"])), preset or meta.get("preset", "svd-xt"),
-                           path)
+                           path, frame_decoder=meta.get("vae_decoder") == "frame")
     keys = src.keys()
     decoder_keys = [k for k in keys if k.startswith(vae_keymap.DECODER_PREFIX)]
-    if decoder_keys and not any(".time_stack." in k or "time_mix_conv" in k for k in decoder_keys):
-        raise CheckpointError(f"{path}: its VAE decoder ({vae_keymap.DECODER_PREFIX}*) has no temporal layers: this is "
-                              "an *_image_decoder variant (per-frame 2-D decoder), which svdlite does not support; "
-                              "use svd.safetensors / svd_xt.safetensors / svd_xt_1_1.safetensors")
+    # *_image_decoder variants: a decoder without temporal layers, decoded frame by frame (vae.FrameDecoder)
+    frame_decoder = bool(decoder_keys) and not any(".time_stack." in k or "time_mix_conv" in k for k in decoder_keys)
     for what, prefix in () if not require_all else (("VAE decoder", vae_keymap.DECODER_PREFIX), ("VAE encoder", vae_keymap.ENCODER_PREFIX),
                          ("CLIP image encoder", clip_keymap.ORIGINAL_PREFIX)):
         if not any(k.startswith(prefix) for k in keys):
             raise CheckpointError(f"{path}: this original-format file has no {what} ({prefix}*)")
     return ModelSource(fmt, files, _original_unet_config(src, path), _original_vae_config(src),
-                       _original_clip_config(src), preset or _preset_from_name(path), path)
+                       _original_clip_config(src), preset or _preset_from_name(path), path, frame_decoder=frame_decoder)
 
 
 def _original_unet_config(src: TensorSource, path: Path) -> UNetConfig:
@@ -193,6 +195,10 @@ def component_plan(ms: ModelSource, component: str, model: nn.Module) -> tuple[d
                          _reshape(k[len("encoder."):])) for k in ours}
         return plan, _with_prefix(keys, "encoder.") | _with_prefix(keys, "quant_conv."), set()
     if component == "vae_decoder":
+        if fmt == "original" and ms.frame_decoder:  # `decoder.*` and `post_quant_conv.*` under first_stage_model.
+            prefix = vae_keymap.FRAME_DECODER_PREFIX
+            scope = _with_prefix(keys, vae_keymap.DECODER_PREFIX) | _with_prefix(keys, prefix + "post_quant_conv.")
+            return {k: Entry((prefix + k,)) for k in ours}, scope, set()
         if fmt == "original":
             return ({k: Entry((vae_keymap.DECODER_PREFIX + k,)) for k in ours},
                     _with_prefix(keys, vae_keymap.DECODER_PREFIX), set())
@@ -223,7 +229,7 @@ def build_component(component: str, ms: ModelSource, fold_cross_attention: bool 
         if component == "vae_encoder":
             return ConditionEncoder(ms.vae_config)
         if component == "vae_decoder":
-            return VideoDecoder(ms.vae_config)
+            return FrameDecoder(ms.vae_config) if ms.frame_decoder else VideoDecoder(ms.vae_config)
         return build_image_encoder(ms.clip_config)
 
 
@@ -275,22 +281,37 @@ def describe(model) -> list[str]:
                 f"original single file: {p.single_file}", f"sampling defaults: {p.sampling}",
                 "run `svdlite info PATH` on a downloaded or local checkpoint for its tensors and parameters"]
     path, preset = resolve_model_path(model)
-    ms = open_model_source(path, preset)
+    ms = open_model_source(path, preset, require_all=False)
     lines = [f"checkpoint: {path}", f"format: {ms.fmt}", f"preset: {ms.preset} (sampling defaults: "
              f"{PRESETS[ms.preset].sampling})"]
+    if ms.frame_decoder:
+        lines.append("VAE decoder: the *_image_decoder variant's 2-D decoder, run on each frame alone (no temporal "
+                     "layers: frames are decoded without temporal smoothing)")
     meta = ms.files["unet"].metadata
     for key in ("format_version", "svdlite_version", "source_sha256", "source"):
         if key in meta:
             lines.append(f"{key}: {meta[key]}")
-    total_file, total_loaded = 0, 0
+    total_file, total_loaded, incomplete = 0, 0, []
     for component in COMPONENTS:
+        if component not in ms.files:
+            lines.append(f"{component}: absent")
+            incomplete.append(component)
+            continue
         model_ = build_component(component, ms)
         plan, scope, _ = component_plan(ms, component, model_)
         src = ms.files[component]
+        needed = {s for e in plan.values() for s in e.sources}
+        if needed - src.keys():
+            lines.append(f"{component}: {len(needed - src.keys())} of the {len(needed)} tensors svdlite reads are "
+                         f"absent (e.g. {sorted(needed - src.keys())[0]})")
+            incomplete.append(component)
+            continue
         in_file = sum(torch.Size(src.shape(k)).numel() for k in scope)
         loaded = sum(p.numel() for p in model_.state_dict().values())
         total_file, total_loaded = total_file + in_file, total_loaded + loaded
         lines.append(f"{component}: {len(scope)} tensors, {in_file:,} parameters in the file; svdlite loads "
                      f"{loaded:,} from {len({s for e in plan.values() for s in e.sources})} tensors")
     lines.append(f"total: {total_file:,} parameters in the components' tensors; {total_loaded:,} loaded")
+    lines.append(f"complete: no, {', '.join(incomplete)} missing; generation needs all four components" if incomplete
+                 else "complete: yes, every tensor generation reads is there (shapes are checked when loading)")
     return lines

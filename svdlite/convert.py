@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
+from tqdm.auto import tqdm
 
 from . import __version__, clip_keymap, vae_keymap
 from .components import COMPONENTS, SVDLITE_PREFIXES, ModelSource, build_component, component_plan
@@ -28,7 +29,8 @@ FORMAT_VERSION = "1"
 DROPPED = (
     (NEVER_READ_SUFFIXES, "cross-attention to_q/to_k (no effect: softmax over one CLIP token is 1)"),
     (("attn2.to_v.weight", "attn2.to_out.0.weight", "attn2.to_out.0.bias"), "cross-attention to_v/to_out, stored folded"),
-    (("first_stage_model.encoder.",), "first_stage_model encoder (SVD encodes with the conditioner's copy)"),
+    (("first_stage_model.encoder.", "first_stage_model.quant_conv."),
+     "first_stage_model encoder (SVD encodes with the conditioner's copy)"),
     (("conditioner.embedders.3.encoder.decoder.", "conditioner.embedders.3.encoder.post_quant_conv."),
      "the conditioner's 2-D image decoder (never run)"),
     (("conditioner.embedders.0.open_clip.model.",), "OpenCLIP text-side leftovers"),
@@ -42,12 +44,16 @@ def dropped_reason(key: str) -> str:
     return "not part of any component"
 
 
-def sha256_of(paths) -> str:
+def sha256_of(paths, progress: bool = False) -> str:
     digest = hashlib.sha256()
-    for path in sorted(Path(p) for p in paths):
-        with open(path, "rb") as f:
-            while block := f.read(1 << 24):
-                digest.update(block)
+    paths = sorted(Path(p) for p in paths)
+    with tqdm(total=sum(p.stat().st_size for p in paths), desc="hashing the source", unit="B", unit_scale=True,
+              disable=not progress) as bar:
+        for path in paths:
+            with open(path, "rb") as f:
+                while block := f.read(1 << 24):
+                    digest.update(block)
+                    bar.update(len(block))
     return digest.hexdigest()
 
 
@@ -55,7 +61,8 @@ def config_metadata(ms: ModelSource, components) -> dict[str, str]:
     return {"unet_config": json.dumps(ms.unet_config.to_dict()),
             "vae_config": json.dumps(dataclasses.asdict(ms.vae_config)),
             "clip_config": json.dumps(dataclasses.asdict(ms.clip_config)),
-            "components": ",".join(components)}
+            "components": ",".join(components),
+            **({"vae_decoder": "frame"} if ms.frame_decoder else {})}
 
 
 def present_components(ms: ModelSource) -> list[str]:
@@ -102,8 +109,10 @@ def write_svdlite(out: Path, tensors: dict[str, torch.Tensor], metadata: dict[st
 
 
 def convert(ms: ModelSource, out: Path, *, dtype: torch.dtype = torch.float16, force: bool = False,
-            log=print) -> dict:
-    """Convert the components `ms` holds into an svdlite file at `out`; returns a summary dict."""
+            log=print, progress: bool = False) -> dict:
+    """Convert the components `ms` holds into an svdlite file at `out`; returns a summary dict.
+
+    progress: bars (stderr) over the components and the source hash."""
     if ms.preset not in PRESETS:
         raise ValueError(f"unknown preset {ms.preset!r}; expected one of {sorted(PRESETS)}")
     components = present_components(ms)
@@ -113,7 +122,7 @@ def convert(ms: ModelSource, out: Path, *, dtype: torch.dtype = torch.float16, f
     for c in absent:
         log(f"warning: {ms.path} has no {c}; the converted file will not have it either (generation needs all four)")
     tensors, counts = {}, {}
-    for component in components:
+    for component in tqdm(components, desc="converting", unit="component", disable=not progress):
         model = build_component(component, ms)
         plan, scope, ignored = component_plan(ms, component, model)
         load_planned(model, ms.files[component], plan, scope=scope, ignored=ignored, dtype=dtype, device="cpu",
@@ -131,7 +140,7 @@ def convert(ms: ModelSource, out: Path, *, dtype: torch.dtype = torch.float16, f
         log(f"dropped {n} tensors: {reason}")
     source_files = sorted({str(f) for s in ms.files.values() for f in s.files})
     metadata = {**config_metadata(ms, components), "preset": ms.preset, "source": ms.path.name,
-                "source_sha256": sha256_of(source_files), "svdlite_version": __version__,
+                "source_sha256": sha256_of(source_files, progress), "svdlite_version": __version__,
                 "dtype": str(dtype).removeprefix("torch.")}
     write_svdlite(out, tensors, metadata, force=force)
     log(f"wrote {out} ({sum(counts.values()):,} parameters, {', '.join(components)})")

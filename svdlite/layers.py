@@ -32,6 +32,17 @@ class GroupNorm32(nn.GroupNorm):
         return F.group_norm(x.float(), self.num_groups, self.weight.float(), self.bias.float(), self.eps).type(x.dtype)
 
 
+class UpcastGroupNorm(nn.GroupNorm):
+    """sgm's plain `GroupNorm` as it runs under its fp16 autocast: half-precision input is normalised in float32
+    (autocast's fp32 list has group_norm); float32 and float64 input run unchanged."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype in (torch.float16, torch.bfloat16):
+            return F.group_norm(x.float(), self.num_groups, self.weight.float(), self.bias.float(),
+                                self.eps).type(x.dtype)
+        return super().forward(x)
+
+
 def conv_nd(dims: int, c_in: int, c_out: int, kernel_size, **kwargs) -> nn.Module:
     """A 2-D or 3-D convolution with 'same' padding for odd kernels (sgm `conv_nd` + its padding rule)."""
     if isinstance(kernel_size, int):

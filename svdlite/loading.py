@@ -15,6 +15,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
+from .checkpoint_file import FLOAT_DTYPES, CheckpointError, check_safetensors_file
 from .unet import UNetConfig, VideoUNet
 from .unet_keymap import (ORIGINAL_PREFIX, diffusers_unet_names, fold_sources, original_unet_keys,
                           unet_config_from_diffusers)
@@ -22,10 +23,6 @@ from .unet_keymap import (ORIGINAL_PREFIX, diffusers_unet_names, fold_sources, o
 SVDLITE_FORMAT = "svdlite"
 SVDLITE_UNET_PREFIX = "unet."
 DIFFUSERS_UNET_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be loaded: wrong format, missing/unexpected/misshapen tensors, unreadable file."""
 
 
 class TensorSource:
@@ -36,6 +33,7 @@ class TensorSource:
         for f in files:
             if not f.is_file():
                 raise CheckpointError(f"{f}: no such file")
+            check_safetensors_file(f)  # pickles, truncated files, corrupt headers: named before safe_open
             try:
                 h = self._handles[f] = safe_open(str(f), framework="pt")
                 self.metadata.update(h.metadata() or {})
@@ -49,6 +47,10 @@ class TensorSource:
 
     def shape(self, key: str) -> tuple[int, ...]:
         return tuple(self._handles[self.key_file[key]].get_slice(key).get_shape())
+
+    def dtype(self, key: str) -> str:
+        """The stored dtype, as safetensors names it (F32, F16, BF16, I64, ...)."""
+        return self._handles[self.key_file[key]].get_slice(key).get_dtype()
 
     def get(self, key: str) -> torch.Tensor:
         """Read one tensor (recorded in `reads`)."""
@@ -187,6 +189,10 @@ def load_planned(model: nn.Module, src: TensorSource, plan: dict[str, Entry], *,
     if wrong:
         raise CheckpointError(f"{len(wrong)} tensors of {label} have the wrong shape: " + "; ".join(wrong[:8])
                               + (f" ... (+{len(wrong) - 8} more)" if len(wrong) > 8 else ""))
+    not_float = sorted(f"{s} ({src.dtype(s)})" for s in needed if src.dtype(s) not in FLOAT_DTYPES)
+    if not_float:
+        raise CheckpointError(f"{len(not_float)} tensors of {label} are not floating point, expected F32, F16 or "
+                              f"BF16: {_fmt_keys(not_float)}")
     state = {}
     for key, entry in plan.items():
         tensors = [src.get(s) for s in entry.sources]

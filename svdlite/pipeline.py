@@ -10,68 +10,26 @@ import math
 import warnings
 from pathlib import Path
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from . import sampling
+from . import checks, sampling
 from .clip import encode_image
 from .components import SVDModel, load_model
 from .conditioning import augment_condition_image, cfg_batch, fps_id_from_fps, micro_conditioning
 from .f3 import STATISTICS, as_schedule, unet_identity
-from .plan import Plan, Step, build_plan, speed_options
+from .image import load_image, open_image
+from .plan import Plan, Step, build_plan, check_options, speed_options
 from .presets import SamplingConfig
 from .vae import decode_latents
 from .video import Video, to_uint8_frames
 
 
-def load_image(image, height: int, width: int) -> torch.Tensor:
-    """A path, PIL image or tensor -> (1, 3, height, width) float32 in [-1, 1].
-
-    Tensors are (3, H, W) or (1, 3, H, W) in [0, 1] (diffusers' convention). An image of another size is scaled
-    to cover height x width (Lanczos, aspect kept) and centre-cropped, as sgm's gradio demo does."""
-    from PIL import Image
-
-    if isinstance(image, (str, Path)):
-        with Image.open(image) as img:
-            image = img.convert("RGB")
-    if isinstance(image, Image.Image):
-        image = image.convert("RGB")
-        if image.size != (width, height):
-            scale = max(width / image.width, height / image.height)
-            size = (max(width, round(image.width * scale)), max(height, round(image.height * scale)))
-            image = image.resize(size, Image.LANCZOS)
-            left, top = (size[0] - width) // 2, (size[1] - height) // 2
-            image = image.crop((left, top, left + width, top + height))
-        image = torch.from_numpy(np.asarray(image).astype(np.float32) / 255.0).permute(2, 0, 1)
-    if not isinstance(image, torch.Tensor):
-        raise TypeError(f"image must be a path, a PIL image or a tensor, got {type(image).__name__}")
-    if image.ndim == 3:
-        image = image[None]
-    if image.ndim != 4 or image.shape[:2] != (1, 3):
-        raise ValueError(f"image tensor must be (3, H, W) or (1, 3, H, W), got {tuple(image.shape)}")
-    if image.shape[-2:] != (height, width):
-        raise ValueError(f"image tensor is {tuple(image.shape[-2:])}, expected (height, width) = ({height}, {width}); "
-                         "pass a PIL image or a path to have it resized")
-    if image.min() < 0 or image.max() > 1:
-        raise ValueError(f"image tensor values must lie in [0, 1], got [{image.min():.3g}, {image.max():.3g}]")
-    return image.float() * 2.0 - 1.0
-
-
-def _check_size(model: SVDModel, height: int, width: int) -> None:
-    multiple = model.vae_config.downscale * model.unet.config.latent_downscale
-    if height % multiple or width % multiple or height <= 0 or width <= 0:
-        raise ValueError(f"height and width must be positive multiples of {multiple}, got {height}x{width}")
-
-
 def resolve_settings(model: SVDModel, **overrides) -> SamplingConfig:
-    """The preset's sampling defaults with the given (non-None) values in their place, checked."""
-    for name, value in overrides.items():
-        if name in ("num_frames", "num_inference_steps", "decode_chunk_size") and value is not None and (
-                isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    """The preset's sampling defaults with the given (non-None) values in their place, checked against the model."""
     s = dataclasses.replace(model.sampling, **{k: v for k, v in overrides.items() if v is not None})
-    _check_size(model, s.height, s.width)
+    checks.check_settings(**dataclasses.asdict(s),
+                          size_multiple=model.vae_config.downscale * model.unet.config.latent_downscale)
     return s
 
 
@@ -142,13 +100,16 @@ def generate(image, *, model="svd-xt", num_frames: int | None = None, num_infere
              seed: int | None = None, generator: torch.Generator | None = None, latents: torch.Tensor | None = None,
              guidance_cut_step: int | None = None, f3_schedule=None, f3_ratio: float | None = None,
              f3_statistic: str | None = None, cache_interval: int | None = None, cache_depth: int | None = None,
-             schedule: str | None = None, sigmas=None, speed: str = "exact", device="cpu",
-             dtype: torch.dtype = torch.float32, progress: bool = True, token: str | None = None) -> Video:
+             schedule: str | None = None, sigmas=None, speed: str = "exact", device=None,
+             dtype: torch.dtype | None = None, progress: bool = True, token: str | None = None) -> Video:
     """Generate a video from one image. Unset arguments take the preset's defaults (`model.sampling`).
 
     model: an `SVDModel` from `load_model`, or anything `load_model` takes (preset name, file, folder).
+    device, dtype: where and in which precision the UNet and CLIP run; by default a loaded model's own, else
+        cpu and float32. A loaded model is never moved or cast: asking for another device or dtype is an error.
     fps: the frame rate; the model is conditioned on fps - 1 (fps=7 reproduces sgm's official script).
-    latents: the initial noise at unit variance, (num_frames, 4, height/8, width/8), as diffusers takes it.
+    latents: the initial noise at unit variance, (num_frames, 4, height/8, width/8), or (1, num_frames, ...) as
+        diffusers takes it.
     Approximate options (all off by default, each off-position exact; they form one per-step plan, plan.py):
       guidance_cut_step: from this step on only the conditional branch runs;
       f3_schedule, f3_ratio, f3_statistic: F3-Pruning, skip the lowest-ranked ratio of the calibrated temporal
@@ -158,12 +119,27 @@ def generate(image, *, model="svd-xt", num_frames: int | None = None, num_infere
       speed ("exact" | "balanced" | "fast"): a named combination of these (plan.SPEED_LEVELS); options given
         explicitly override its choices.
     Returns a `Video` (uint8 frames, fps) whose `latents` are the final denoised latents.
+    Settings, options, image and device are checked before the model is loaded; non-finite values stop the run.
     """
-    if not isinstance(model, SVDModel):
-        model = load_model(model, device=device, dtype=dtype, token=token)
+    checks.check_settings(num_frames=num_frames, num_inference_steps=num_inference_steps, fps=fps,
+                          motion_bucket_id=motion_bucket_id, noise_aug_strength=noise_aug_strength,
+                          min_guidance_scale=min_guidance_scale, max_guidance_scale=max_guidance_scale,
+                          decode_chunk_size=decode_chunk_size, height=height, width=width, seed=seed,
+                          guidance_cut_step=guidance_cut_step)
     o = speed_options(speed, dict(num_inference_steps=num_inference_steps, schedule=schedule,
                                   guidance_cut_step=guidance_cut_step, f3_ratio=f3_ratio, f3_statistic=f3_statistic,
                                   cache_interval=cache_interval, cache_depth=cache_depth))
+    check_options(o, f3_schedule is not None)
+    if seed is not None and generator is not None:
+        raise ValueError("pass either seed or generator, not both")
+    if f3_schedule is not None:
+        f3_schedule = as_schedule(f3_schedule)  # a bad file fails here, before the model loads
+    if isinstance(image, (str, Path)):
+        image = open_image(image)  # a bad file fails here, before the model loads
+    if not isinstance(model, SVDModel):
+        model = load_model(model, device=checks.resolve_device(device or "cpu"),
+                           dtype=checks.check_dtype(dtype or torch.float32), token=token)
+    dev, dtype = checks.model_device_dtype(model.unet, device, dtype)
     sigmas, schedule_name = noise_schedule(o.get("num_inference_steps"), o.get("schedule"), sigmas,
                                            model.sampling.num_inference_steps)
     s = resolve_settings(model, num_frames=num_frames, num_inference_steps=len(sigmas) - 1, fps=fps,
@@ -174,9 +150,13 @@ def generate(image, *, model="svd-xt", num_frames: int | None = None, num_infere
                      **{k: o[k] for k in ("guidance_cut_step", "f3_ratio", "f3_statistic", "cache_interval",
                                           "cache_depth") if k in o})
     generator = make_generator(seed, generator)
-    x = sample(model, image, s, plan, generator=generator, latents=latents, device=device, dtype=dtype,
+    x = sample(model, image, s, plan, generator=generator, latents=latents, device=dev, dtype=dtype,
                progress=progress)
+    checks.check_finite(x, "the latents after sampling", f"the UNet ran in {dtype}: try float32 (CLI: --dtype fp32) "
+                        "or bf16, and check the UNet weights for NaN/inf")
     frames = decode(model, x, s.num_frames, s.decode_chunk_size, progress)
+    checks.check_finite(frames, "the decoded frames", "the VAE decoder (float32) produced them from finite latents: "
+                        "its weights hold NaN/inf (corrupt file?)")
     return Video(to_uint8_frames(frames), float(s.fps), latents=x.cpu())
 
 
@@ -198,11 +178,13 @@ def sample(model: SVDModel, image, s: SamplingConfig, plan: Plan, *, generator: 
     image_embeds = encode_image(model.image_encoder, pixels).float()  # preprocesses (224 resize, CLIP norm)
     cond_pixels = augment_condition_image(pixels, s.noise_aug_strength, generator)
     cond_latent = model.vae_encoder(cond_pixels).float()
+    checks.check_finite(torch.cat([image_embeds.flatten(), cond_latent.flatten()]), "the CLIP embedding and VAE "
+                        "latent of the image", "the image encoder or VAE encoder weights hold NaN/inf (corrupt file?)")
     latent_shape = (s.num_frames, cond_latent.shape[1], *cond_latent.shape[-2:])
     if latents is None:
         latents = torch.randn(latent_shape, generator=generator, device=generator.device)
-    elif tuple(latents.shape) != latent_shape:
-        raise ValueError(f"latents must have shape {latent_shape}, got {tuple(latents.shape)}")
+    else:
+        latents = checks.check_latents(latents, latent_shape)
     vector = micro_conditioning(fps_id_from_fps(s.fps), s.motion_bucket_id, s.noise_aug_strength, 1, device=dev)
     batch = cfg_batch(image_embeds, cond_latent, vector, s.num_frames)
     sigmas = plan.sigmas_tensor(dev)

@@ -25,6 +25,26 @@ SPEED_LEVELS = {
 }
 
 
+def check_options(options: dict, has_f3_schedule: bool) -> None:
+    """Refuse bad values of the approximate options before any work (the rest is checked with the model: step
+    counts, the F3 schedule's fit, the cache depth's range). None means not set."""
+    ratio, statistic = options.get("f3_ratio"), options.get("f3_statistic")
+    if ratio is not None and (isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio < 1):
+        raise ValueError(f"f3_ratio must be a number in [0, 1), got {ratio!r}")
+    if ratio and not has_f3_schedule:
+        raise ValueError(f"f3_ratio={ratio!r} needs an f3_schedule (make one with svdlite calibrate)")
+    if statistic is not None and statistic not in ("attention", "contribution"):
+        raise ValueError(f"unknown f3_statistic {statistic!r}; expected 'attention' or 'contribution'")
+    for name, low in (("cache_interval", 1), ("cache_depth", 0), ("guidance_cut_step", 0)):
+        value = options.get(name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
+            raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+    if (options.get("cache_interval") or 1) > 1 and options.get("cache_depth") is None:
+        raise ValueError("cache_interval > 1 needs a cache_depth")
+    if options.get("schedule") not in (None, "edm", "ays"):
+        raise ValueError(f"unknown noise schedule {options['schedule']!r}; expected 'edm' or 'ays' (or pass sigmas=)")
+
+
 def speed_options(speed: str, options: dict) -> dict:
     """The options of a `speed` level, overridden by the explicitly given (non-None) ones."""
     if speed not in SPEED_LEVELS:

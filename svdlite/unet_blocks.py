@@ -18,7 +18,7 @@ from einops import rearrange
 from torch import nn
 
 from .attention import CrossAttention, SelfAttention
-from .layers import FeedForward, GroupNorm32, ResBlock, conv_nd, timestep_embedding
+from .layers import FeedForward, GroupNorm32, ResBlock, UpcastGroupNorm, conv_nd, timestep_embedding
 
 
 def mix_factor_alpha(mix_factor: torch.Tensor, image_only_indicator: torch.Tensor) -> torch.Tensor:
@@ -128,7 +128,7 @@ class SpatialVideoTransformer(nn.Module):
             raise ValueError(f"fold must be True, False or 'temporal', got {fold!r}")
         spatial_fold, temporal_fold = fold is True, fold is not False
         inner = heads * dim_head
-        self.norm = nn.GroupNorm(32, channels, eps=1e-6)
+        self.norm = UpcastGroupNorm(32, channels, eps=1e-6)
         self.proj_in = nn.Linear(channels, inner)
         self.transformer_blocks = nn.ModuleList(
             BasicTransformerBlock(inner, heads, dim_head, context_dim, spatial_fold) for _ in range(depth))

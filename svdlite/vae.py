@@ -1,4 +1,5 @@
-"""SVD's autoencoder: the SD image `Encoder` (conditioning latent) and the temporal `VideoDecoder`.
+"""SVD's autoencoder: the SD image `Encoder` (conditioning latent) and the temporal `VideoDecoder` (or, in the
+`*_image_decoder` checkpoints, the SD image `Decoder` run frame by frame: `FrameDecoder`).
 
 Reproduces sgm `diffusionmodules/model.py` (`Encoder`, `ResnetBlock`, `AttnBlock`, `Downsample`, `Upsample`) and
 `autoencoding/temporal_ae.py` (`VideoDecoder` with time_mode "conv-only", `VideoResBlock`, `AE3DConv`); module
@@ -259,6 +260,55 @@ class VideoDecoder(nn.Module):
             if hasattr(level, "upsample"):
                 h = level.upsample(h)
         return self.conv_out(F.silu(self.norm_out(h)), num_frames)
+
+
+class Decoder(nn.Module):
+    """sgm `model.Decoder` (attention only in the mid block): latents (n, z, h, w) -> images (n, 3, f*h, f*w).
+
+    The plain SD decoder of the `*_image_decoder` checkpoints: `VideoDecoder` without its temporal layers."""
+
+    def __init__(self, config: VAEConfig = VAEConfig()):
+        super().__init__()
+        cfg, widths = config, config.widths
+        c = widths[-1]
+        self.conv_in = nn.Conv2d(cfg.z_channels, c, 3, padding=1)
+        self.mid = _container(block_1=ResnetBlock(c, c), attn_1=AttnBlock(c), block_2=ResnetBlock(c, c))
+        levels = []
+        for level in reversed(range(len(widths))):  # built coarsest first, stored finest first as in sgm (`up.0`)
+            blocks = nn.ModuleList()
+            for _ in range(cfg.num_res_blocks + 1):
+                blocks.append(ResnetBlock(c, widths[level]))
+                c = widths[level]
+            level_module = _container(block=blocks)
+            if level != 0:
+                level_module.upsample = Upsample(c)
+            levels.insert(0, level_module)
+        self.up = nn.ModuleList(levels)
+        self.norm_out = _norm(c)
+        self.conv_out = nn.Conv2d(c, cfg.out_ch, 3, padding=1)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(self.conv_in(z))))
+        for level in reversed(self.up):
+            for block in level.block:
+                h = block(h)
+            if hasattr(level, "upsample"):
+                h = level.upsample(h)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+class FrameDecoder(nn.Module):
+    """The `*_image_decoder` checkpoints' first stage as SVD runs it: `post_quant_conv` then the 2-D `Decoder`,
+    every frame on its own (sgm `AutoencoderKL.decode`). Same call as `VideoDecoder`; `num_frames` is unused
+    because nothing mixes frames, so the video is decoded without temporal smoothing."""
+
+    def __init__(self, config: VAEConfig = VAEConfig()):
+        super().__init__()
+        self.post_quant_conv = nn.Conv2d(config.z_channels, config.z_channels, 1)
+        self.decoder = Decoder(config)
+
+    def forward(self, z: torch.Tensor, num_frames: int) -> torch.Tensor:
+        return self.decoder(self.post_quant_conv(z))
 
 
 def make_quant_conv(config: VAEConfig = VAEConfig()) -> nn.Conv2d:

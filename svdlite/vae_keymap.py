@@ -15,6 +15,7 @@ from .vae import VAEConfig
 ENCODER_PREFIX = "conditioner.embedders.3.encoder.encoder."  # the encoder SVD runs (conditioning latent)
 QUANT_CONV_PREFIX = "conditioner.embedders.3.encoder.quant_conv."
 DECODER_PREFIX = "first_stage_model.decoder."
+FRAME_DECODER_PREFIX = "first_stage_model."  # *_image_decoder files: `decoder.*` (2-D) and `post_quant_conv.*`
 FIRST_STAGE_ENCODER_PREFIX = "first_stage_model.encoder."  # a second encoder copy, unused at inference
 # Prefixes of the diffusers `vae/` state dict
 DIFFUSERS_ENCODER_PREFIX = "encoder."

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from svdlite.cli import EXIT_INTERRUPTED, EXIT_TERMINATED, Terminated, sigterm_raises
 from svdlite.components import open_model_source
 from svdlite.convert import convert
 from svdlite.presets import PRESETS
@@ -30,6 +31,7 @@ def main(argv=None) -> int:
     p.add_argument("--preset", choices=[k for k in PRESETS], default=None,
                    help="sampling defaults to record (default: guessed from the source's name / config)")
     p.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
     if args.out.exists() and not args.force:
         print(f"error: {args.out} exists; pass --force to overwrite it", file=sys.stderr)
@@ -38,12 +40,19 @@ def main(argv=None) -> int:
         print("error: OUT must differ from SRC", file=sys.stderr)
         return 2
     try:
-        source = open_model_source(args.src, args.preset, require_all=False)
-        print(f"source: {args.src} ({source.fmt} format, preset {source.preset})")
-        convert(source, args.out, dtype=DTYPES[args.dtype], force=args.force)
+        with sigterm_raises():  # Ctrl-C and SIGTERM unwind, so the temporary file is removed
+            source = open_model_source(args.src, args.preset, require_all=False)
+            print(f"source: {args.src} ({source.fmt} format, preset {source.preset})")
+            convert(source, args.out, dtype=DTYPES[args.dtype], force=args.force, progress=not args.no_progress)
     except (ValueError, OSError, RuntimeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("interrupted; nothing was written", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Terminated:
+        print("terminated; nothing was written", file=sys.stderr)
+        return EXIT_TERMINATED
     return 0
 
 
