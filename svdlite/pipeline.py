@@ -143,10 +143,17 @@ def generate(image, *, model="svd-xt", num_frames: int | None = None, num_infere
              guidance_cut_step: int | None = None, f3_schedule=None, f3_ratio: float | None = None,
              f3_statistic: str | None = None, cache_interval: int | None = None, cache_depth: int | None = None,
              schedule: str | None = None, sigmas=None, speed: str = "exact", device="cpu",
-             dtype: torch.dtype = torch.float32, progress: bool = True, token: str | None = None) -> Video:
-    """Generate a video from one image. Unset arguments take the preset's defaults (`model.sampling`).
+             dtype: torch.dtype = torch.float32, progress: bool = True, token: str | None = None,
+             batch_size: int = 1) -> Video | list[Video]:
+    """Generate a video from one image, or a list of videos from a list of images. Unset arguments take the
+    preset's defaults (`model.sampling`).
 
+    image: a path, PIL image or (3, H, W) tensor in [0, 1] -> one `Video`; a list of them -> a list of `Video`s, made
+      `batch_size` at a time (each UNet evaluation runs the rows of up to batch_size videos, both guidance halves;
+      a video does not depend on its batch beyond float32 noise, README "Many images").
     model: an `SVDModel` from `load_model`, or anything `load_model` takes (preset name, file, folder).
+    seed: for a list, one int per image, or one int s: image k then gets seed s + k. Each `Video` records its seed.
+    generator, latents: for a list, one per image (a list), or None.
     fps: the frame rate; the model is conditioned on fps - 1 (fps=7 reproduces sgm's official script).
     latents: the initial noise at unit variance, (num_frames, 4, height/8, width/8), as diffusers takes it.
     Approximate options (all off by default, each off-position exact; they form one per-step plan, plan.py):
@@ -157,7 +164,7 @@ def generate(image, *, model="svd-xt", num_frames: int | None = None, num_infere
       schedule ("edm" | "ays") or sigmas: the noise schedule ("ays": Align Your Steps, 10 steps by default);
       speed ("exact" | "balanced" | "fast"): a named combination of these (plan.SPEED_LEVELS); options given
         explicitly override its choices.
-    Returns a `Video` (uint8 frames, fps) whose `latents` are the final denoised latents.
+    Returns a `Video` (uint8 frames, fps, seed) whose `latents` are the final denoised latents (a list for a list).
     """
     if not isinstance(model, SVDModel):
         model = load_model(model, device=device, dtype=dtype, token=token)
@@ -173,11 +180,21 @@ def generate(image, *, model="svd-xt", num_frames: int | None = None, num_infere
     plan = make_plan(model, s, sigmas, schedule_name=schedule_name, f3_schedule=f3_schedule,
                      **{k: o[k] for k in ("guidance_cut_step", "f3_ratio", "f3_statistic", "cache_interval",
                                           "cache_depth") if k in o})
-    generator = make_generator(seed, generator)
-    x = sample(model, image, s, plan, generator=generator, latents=latents, device=device, dtype=dtype,
-               progress=progress)
-    frames = decode(model, x, s.num_frames, s.decode_chunk_size, progress)
-    return Video(to_uint8_frames(frames), float(s.fps), latents=x.cpu())
+    batched = isinstance(image, (list, tuple))
+    images = list(image) if batched else [image]
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    seeds, generators = make_generators(len(images), seed, generator, batched)
+    latents = _per_image(latents, len(images), batched, "latents")
+    t, videos = s.num_frames, []
+    for start in range(0, len(images), batch_size):
+        part = slice(start, start + batch_size)
+        x = sample(model, images[part], s, plan, generator=generators[part], latents=latents[part], device=device,
+                   dtype=dtype, progress=progress)
+        frames = to_uint8_frames(decode(model, x, t, s.decode_chunk_size, progress))
+        videos += [Video(frames[k * t:(k + 1) * t], float(s.fps), latents=x[k * t:(k + 1) * t].cpu(), seed=seed_k)
+                   for k, seed_k in enumerate(seeds[part])]
+    return videos if batched else videos[0]
 
 
 def make_generator(seed: int | None, generator: torch.Generator | None) -> torch.Generator:
@@ -187,26 +204,69 @@ def make_generator(seed: int | None, generator: torch.Generator | None) -> torch
         seed if seed is not None else torch.seed())
 
 
+def _per_image(value, count: int, batched: bool, name: str) -> list:
+    """A per-image argument as a list of `count`: for a list of images a list (or None), else the one value."""
+    if not batched:
+        return [value]
+    if value is None:
+        return [None] * count
+    if not isinstance(value, (list, tuple)) or len(value) != count:
+        raise ValueError(f"{name} for a list of {count} images must be a list of {count} (one per image) or None, "
+                         f"got {type(value).__name__}" + (f" of {len(value)}" if isinstance(value, (list, tuple))
+                                                          else ""))
+    return list(value)
+
+
+def make_generators(count: int, seed, generator, batched: bool) -> tuple[list, list[torch.Generator]]:
+    """(seeds, generators), one per image: `seed` is an int (a list of images: image k gets seed + k), a list of
+    ints, or None (a random seed); the seed is None where a generator was passed."""
+    if seed is not None and generator is not None:
+        raise ValueError("pass either seed or generator, not both")
+    if generator is not None:
+        return [None] * count, _per_image(generator, count, batched, "generator")
+    if batched and isinstance(seed, (list, tuple)):
+        seeds = _per_image(seed, count, batched, "seed")
+    else:
+        if seed is None:
+            seed = torch.seed() if not batched else torch.seed() % 2**63  # room for seed + k
+        seeds = [seed + k for k in range(count)] if isinstance(seed, int) and not isinstance(seed, bool) else [seed]
+    for s in seeds:
+        if isinstance(s, bool) or not isinstance(s, int) or not 0 <= s < 2**64:
+            raise ValueError(f"a seed must be an int in [0, 2**64), got {s!r}")
+    return seeds, [torch.Generator().manual_seed(s) for s in seeds]
+
+
 def sample(model: SVDModel, image, s: SamplingConfig, plan: Plan, *, generator: torch.Generator,
            latents: torch.Tensor | None = None, device="cpu", dtype: torch.dtype = torch.float32,
            progress: bool = False, record: dict | None = None) -> torch.Tensor:
-    """Condition on the image and run the plan's sampling loop: the final latents ((frames, 4, h/8, w/8), fp32).
+    """Condition on the image(s) and run the plan's sampling loop: the final latents ((b t), 4, h/8, w/8), fp32.
 
+    image: one image, or a list of b images (videos sampled together as `(b t)` rows); then `generator` and
+        `latents` are lists of b too, one per video, each generator drawn in the one-video order (the condition
+        image's noise augmentation, then the initial latents).
     record: a dict that receives {step: {unit: {"attention", "contribution"}}} (F3 calibration)."""
     dev = torch.device(device)
-    pixels = load_image(image, s.height, s.width).to(dev)
+    batched = isinstance(image, (list, tuple))
+    images = list(image) if batched else [image]
+    generators = _per_image(generator, len(images), batched, "generator")
+    noises = _per_image(latents, len(images), batched, "latents")
+    pixels = torch.cat([load_image(im, s.height, s.width) for im in images]).to(dev)
     image_embeds = encode_image(model.image_encoder, pixels).float()  # preprocesses (224 resize, CLIP norm)
-    cond_pixels = augment_condition_image(pixels, s.noise_aug_strength, generator)
+    cond_pixels = torch.cat([augment_condition_image(p[None], s.noise_aug_strength, g)
+                             for p, g in zip(pixels, generators)])
     cond_latent = model.vae_encoder(cond_pixels).float()
     latent_shape = (s.num_frames, cond_latent.shape[1], *cond_latent.shape[-2:])
-    if latents is None:
-        latents = torch.randn(latent_shape, generator=generator, device=generator.device)
-    elif tuple(latents.shape) != latent_shape:
-        raise ValueError(f"latents must have shape {latent_shape}, got {tuple(latents.shape)}")
-    vector = micro_conditioning(fps_id_from_fps(s.fps), s.motion_bucket_id, s.noise_aug_strength, 1, device=dev)
+    for k, (noise, g) in enumerate(zip(noises, generators)):
+        if noise is None:
+            noises[k] = torch.randn(latent_shape, generator=g, device=g.device)
+        elif tuple(noise.shape) != latent_shape:
+            raise ValueError(f"latents must have shape {latent_shape}, got {tuple(noise.shape)}")
+    latents = torch.cat([noise.to(dev, torch.float32) for noise in noises])  # ((b t), 4, h/8, w/8)
+    vector = micro_conditioning(fps_id_from_fps(s.fps), s.motion_bucket_id, s.noise_aug_strength, len(images),
+                                device=dev)
     batch = cfg_batch(image_embeds, cond_latent, vector, s.num_frames)
     sigmas = plan.sigmas_tensor(dev)
-    x = sampling.initial_latents(latents.to(dev, torch.float32), sigmas)
+    x = sampling.initial_latents(latents, sigmas)
     denoise = make_denoiser(model, batch, s.num_frames, s.min_guidance_scale, s.max_guidance_scale, plan.cache_depth,
                             dtype, record)
     with tqdm(total=plan.num_steps, desc="denoising", disable=not progress) as bar:
