@@ -1,4 +1,5 @@
-"""The `svdlite` command: `svdlite generate IMAGE -o OUT ...` and `svdlite info CHECKPOINT`."""
+"""The `svdlite` command: `svdlite generate IMAGE -o OUT ...`, `svdlite batch INPUT... -o OUTDIR ...` (also under
+torchrun: `torchrun --nproc-per-node N -m svdlite batch ...`), `svdlite calibrate ...` and `svdlite info CHECKPOINT`."""
 import argparse
 import sys
 from pathlib import Path
@@ -15,23 +16,11 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("image", type=Path, help="input image (any format PIL reads)")
     g.add_argument("-o", "--output", type=Path, required=True, help="output video: .mp4 (H.264), .webm or .gif")
     _sampling_options(g)
-    g.add_argument("--guidance-cut-step", type=int, default=None,
-                   help="from this step on run only the conditional branch (approximate; off by default)")
-    g.add_argument("--f3-schedule", type=Path, help="F3-Pruning schedule from `svdlite calibrate` (approximate)")
-    g.add_argument("--f3-ratio", type=float, default=None,
-                   help="skip this ratio [0, 1) of the lowest-ranked temporal units (default 0: exact)")
-    g.add_argument("--f3-statistic", choices=("attention", "contribution"), default=None,
-                   help="the schedule's ranking statistic (default: attention, the F3 paper's)")
-    g.add_argument("--cache-interval", type=int,
-                   help="step caching: every N-th step runs the whole UNet, the others reuse its deep features "
-                        "(approximate; 1 = off)")
-    g.add_argument("--cache-depth", type=int, help="step caching: the recomputed branch, 0 = the shallowest")
-    g.add_argument("--speed", choices=("exact", "balanced", "fast"), default="exact",
-                   help="a tested combination of the approximate options (README: what each trades); options "
-                        "given explicitly override it")
+    _plan_options(g)
     g.add_argument("--decode-chunk-size", type=int)
     g.add_argument("--force", action="store_true", help="overwrite OUTPUT if it exists")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _batch_parser(sub)
     c = sub.add_parser("calibrate", help="calibrate an F3-Pruning schedule",
                        description="Sample the images with the exact computation and record, for every temporal "
                                    "transformer block at every step, the F3 statistics; write them as a schedule "
@@ -46,6 +35,43 @@ def _parser() -> argparse.ArgumentParser:
                                                                         "parameter counts and preset.")
     i.add_argument("checkpoint", help="a .safetensors file, a diffusers folder or a preset name (not downloaded)")
     return p
+
+
+def _plan_options(g: argparse.ArgumentParser) -> None:
+    """The approximate acceleration options `generate` and `batch` share (one per-step plan, plan.py)."""
+    g.add_argument("--guidance-cut-step", type=int, default=None,
+                   help="from this step on run only the conditional branch (approximate; off by default)")
+    g.add_argument("--f3-schedule", type=Path, help="F3-Pruning schedule from `svdlite calibrate` (approximate)")
+    g.add_argument("--f3-ratio", type=float, default=None,
+                   help="skip this ratio [0, 1) of the lowest-ranked temporal units (default 0: exact)")
+    g.add_argument("--f3-statistic", choices=("attention", "contribution"), default=None,
+                   help="the schedule's ranking statistic (default: attention, the F3 paper's)")
+    g.add_argument("--cache-interval", type=int,
+                   help="step caching: every N-th step runs the whole UNet, the others reuse its deep features "
+                        "(approximate; 1 = off)")
+    g.add_argument("--cache-depth", type=int, help="step caching: the recomputed branch, 0 = the shallowest")
+    g.add_argument("--speed", choices=("exact", "balanced", "fast"), default="exact",
+                   help="a tested combination of the approximate options (README: what each trades); options "
+                        "given explicitly override it")
+
+
+def _batch_parser(sub) -> None:
+    b = sub.add_parser("batch", help="make videos from many images (also on several processes with torchrun)",
+                       description="Make one video per input image, OUTDIR/<image name>.<format>. Inputs whose "
+                                   "output exists are skipped (an interrupted run resumes); OUTDIR/manifest.jsonl "
+                                   "records every item. Under `torchrun --nproc-per-node N -m svdlite batch ...` "
+                                   "each process takes its share. Exit code 1 if any item failed.")
+    b.add_argument("inputs", type=Path, nargs="+", help="image files, folders (their images, sorted) or .txt files "
+                                                         "listing image paths (one a line)")
+    b.add_argument("-o", "--output", type=Path, required=True, help="output folder")
+    _sampling_options(b, seed_default=0)
+    b.set_defaults(device="auto")  # the GPU of the process's local rank when there are GPUs, else the CPU
+    _plan_options(b)
+    b.add_argument("--decode-chunk-size", type=int)
+    b.add_argument("--batch-size", type=int, default=1, help="videos per UNet evaluation (default 1)")
+    b.add_argument("--format", choices=("mp4", "webm", "gif"), default="mp4", help="output format (default mp4)")
+    b.add_argument("--overwrite", action="store_true", help="redo inputs whose output exists (default: skip them)")
+    b.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def _sampling_options(p: argparse.ArgumentParser, seed_default: int | None = None) -> None:
@@ -121,6 +147,25 @@ def _generate(args) -> int:
     return 0
 
 
+def _batch(args) -> int:
+    import torch
+
+    from .batch import OPTION_KEYS, run_batch
+
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+    options = {k: getattr(args, k) for k in OPTION_KEYS if getattr(args, k) is not None}
+    summary = run_batch(args.inputs, args.output, model=args.model, seed=args.seed, batch_size=args.batch_size,
+                        overwrite=args.overwrite, video_format=args.format, device=args.device, dtype=dtype,
+                        progress=not args.no_progress, **options)
+    if summary["rank"] == 0:
+        minutes = summary["seconds"] / 60
+        rate = f", {summary['done'] / minutes:.2f} videos/min" if summary["done"] and minutes > 0 else ""
+        print(f"{summary['done']} done, {summary['failed']} failed, {summary['skipped']} skipped (output existed) "
+              f"in {summary['seconds']:.1f} s on {summary['world_size']} process(es){rate}; "
+              f"manifest: {args.output / 'manifest.jsonl'}")
+    return 1 if summary["failed"] else 0
+
+
 def _info(args) -> int:
     from .components import describe
 
@@ -132,7 +177,8 @@ def _info(args) -> int:
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     try:
-        return {"generate": _generate, "calibrate": _calibrate, "info": _info}[args.command](args)
+        return {"generate": _generate, "batch": _batch, "calibrate": _calibrate,
+                "info": _info}[args.command](args)
     except (ValueError, FileExistsError, FileNotFoundError, RuntimeError) as err:
         print(f"svdlite: error: {err}", file=sys.stderr)
         return 1
