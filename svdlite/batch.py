@@ -227,8 +227,10 @@ def run_batch(inputs, outdir, *, model="svd-xt", seed: int = 0, batch_size: int 
                              batch_size=batch_size, settings=settings, run_id=run_id, overwrite=overwrite,
                              device=device, dtype=dtype, dist=dist, progress=progress, options=options)
         counts = torch.tensor([sum(r["status"] == s for r in records) for s in ("done", "failed")])
-        if group is not None:
-            group.all_reduce(counts)  # sums; also waits for every process to finish its share
+        if group is not None:  # sums over the processes (on the GPU for nccl); waits for every share to finish
+            counts = counts.to(device if group.get_backend() == "nccl" else "cpu")
+            group.all_reduce(counts)
+            counts = counts.cpu()
         seconds = time.perf_counter() - start
         if dist.rank == 0:
             records = merge_manifest(outdir, items, skipped)

@@ -60,7 +60,8 @@ def _batch_parser(sub) -> None:
                        description="Make one video per input image, OUTDIR/<image name>.<format>. Inputs whose "
                                    "output exists are skipped (an interrupted run resumes); OUTDIR/manifest.jsonl "
                                    "records every item. Under `torchrun --nproc-per-node N -m svdlite batch ...` "
-                                   "each process takes its share. Exit code 1 if any item failed.")
+                                   "each process takes its share, on the GPU of its local rank (--device auto, the "
+                                   "default; the CPU when there is no GPU). Exit code 1 if any item failed.")
     b.add_argument("inputs", type=Path, nargs="+", help="image files, folders (their images, sorted) or .txt files "
                                                          "listing image paths (one a line)")
     b.add_argument("-o", "--output", type=Path, required=True, help="output folder")
