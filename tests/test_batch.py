@@ -74,16 +74,18 @@ def test_dist_from_env_and_device():
 
 def test_merge_manifest_keeps_the_latest_record_per_item(tmp_path):
     items = make_items([Path("a.png"), Path("b.png"), Path("c.png")], tmp_path)
-    line = lambda item, status, t: json.dumps({"output": str(item.output), "status": status, "finished": t}) + "\n"
-    (tmp_path / "manifest.jsonl").write_text(line(items[0], "failed", "2026-01-01") + line(Item(9, Path("old.png"),
-                                                                                                tmp_path / "old.mp4"),
-                                                                                           "done", "2025"))
+    def line(item, status, finished):
+        return json.dumps({"output": str(item.output), "status": status, "finished": finished}) + "\n"
+
+    old = Item(9, Path("old.png"), tmp_path / "old.mp4")  # an item of an earlier run, not in this one
+    (tmp_path / "manifest.jsonl").write_text(line(items[0], "failed", "2026-01-01") + line(old, "done", "2025"))
     (tmp_path / ".manifest.rank0.jsonl").write_text(line(items[0], "done", "2026-01-02"))
     (tmp_path / ".manifest.rank1.jsonl").write_text(line(items[1], "done", "2026-01-02"))
     records = merge_manifest(tmp_path, items, skipped=[items[1], items[2]])
     assert [(Path(r["output"]).name, r["status"]) for r in records] == [
         ("a.mp4", "done"), ("b.mp4", "done"), ("c.mp4", "skipped"), ("old.mp4", "done")]
-    assert not list(tmp_path.glob(".manifest.rank*")) and len((tmp_path / "manifest.jsonl").read_text().splitlines()) == 4
+    assert not list(tmp_path.glob(".manifest.rank*"))
+    assert len((tmp_path / "manifest.jsonl").read_text().splitlines()) == 4
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +93,8 @@ def inputs(tmp_path_factory):
     """Four small distinct images and a corrupt one."""
     folder = tmp_path_factory.mktemp("inputs")
     ex = Image.open(EXAMPLE).convert("RGB").resize((64, 64))
-    for k, im in enumerate([ex, ex.transpose(Image.FLIP_LEFT_RIGHT), ex.rotate(90), ex.transpose(Image.FLIP_TOP_BOTTOM)]):
+    variants = [ex, ex.transpose(Image.FLIP_LEFT_RIGHT), ex.rotate(90), ex.transpose(Image.FLIP_TOP_BOTTOM)]
+    for k, im in enumerate(variants):
         im.save(folder / f"img{k}.png")
     (folder / "corrupt.png").write_bytes(b"this is not a png")
     return folder

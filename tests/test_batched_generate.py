@@ -1,4 +1,5 @@
-"""generate() on a list of images: batch_size videos per UNet evaluation, per-image seeds, same videos as one at a time."""
+"""generate() on a list of images: batch_size videos per UNet evaluation, per-image seeds, and the same videos as
+one at a time."""
 from pathlib import Path
 
 import pytest
