@@ -214,14 +214,15 @@ def run_batch(inputs, outdir, *, model="svd-xt", seed: int = 0, batch_size: int 
             model = load_model(model, device=device, dtype=dtype, token=token)
         settings = run_settings(model, options, dtype)
         outdir.mkdir(parents=True, exist_ok=True)
-        # rank 0 decides what is left to do (and names the run), so every process deals the same list
-        shared = [[i.index for i in items if overwrite or not i.output.exists()],
+        # rank 0 decides what is left to do (and names the run): every process deals the same list, even if a
+        # folder changed between the processes' listings
+        shared = [[(i.index, str(i.input), str(i.output)) for i in items if overwrite or not i.output.exists()],
                   datetime.datetime.now().isoformat()]
         if group is not None:
             group.broadcast_object_list(shared, src=0)
-        pending, run_id = set(shared[0]), shared[1]
-        skipped = [i for i in items if i.index not in pending]
-        mine = shard([i for i in items if i.index in pending], dist.rank, dist.world_size)
+        todo, run_id = [Item(i, Path(a), Path(b)) for i, a, b in shared[0]], shared[1]
+        skipped = [i for i in items if i not in set(todo)]  # used by rank 0 only
+        mine = shard(todo, dist.rank, dist.world_size)
         start = time.perf_counter()
         records = _run_share(mine, model, outdir / f".manifest.rank{dist.rank}.jsonl", seed=seed,
                              batch_size=batch_size, settings=settings, run_id=run_id, overwrite=overwrite,
