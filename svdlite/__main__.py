@@ -1,4 +1,4 @@
-"""`python -m svdlite ...`: the same as the `svdlite` command."""
+"""`python -m svdlite ...`, the same as the `svdlite` command (and what torchrun runs: `torchrun ... -m svdlite`)."""
 import sys
 
 from .cli import main

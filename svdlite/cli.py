@@ -1,11 +1,13 @@
-"""The `svdlite` command: `svdlite generate IMAGE -o OUT ...`, `svdlite calibrate IMAGES -o S.json` and
+"""The `svdlite` command: `svdlite generate IMAGE -o OUT ...`, `svdlite batch INPUT... -o OUTDIR ...` (also under
+torchrun: `torchrun --nproc-per-node N -m svdlite batch ...`), `svdlite calibrate IMAGES -o S.json` and
 `svdlite info CHECKPOINT`.
 
 Every subcommand runs through `run_cleanly`: an error is one line `svdlite: error: ...` on stderr (the
 traceback only with --debug) and an exit code; Ctrl-C and SIGTERM stop cleanly, leaving no partial file.
 Exit codes (README "Errors and exit codes"):
   0    done
-  1    the run failed while working (non-finite values, out of memory, a download or write that failed)
+  1    the run failed while working (non-finite values, out of memory, a download or write that failed), or
+       (batch) an item failed
   2    refused before any work: bad option, image, checkpoint, setting or output path
   130  interrupted (Ctrl-C)
   143  terminated (SIGTERM)
@@ -101,24 +103,12 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("-o", "--output", type=Path, required=True,
                    help="output video: .mp4 (H.264), .webm (VP9) or .gif; its folder must exist")
     _sampling_options(g)
-    g.add_argument("--guidance-cut-step", type=int, default=None,
-                   help="from this step on run only the conditional branch (approximate; off by default)")
-    g.add_argument("--f3-schedule", type=Path, help="F3-Pruning schedule from `svdlite calibrate` (approximate)")
-    g.add_argument("--f3-ratio", type=float, default=None,
-                   help="skip this ratio [0, 1) of the lowest-ranked temporal units (default 0: exact)")
-    g.add_argument("--f3-statistic", choices=("attention", "contribution"), default=None,
-                   help="the schedule's ranking statistic (default: attention, the F3 paper's)")
-    g.add_argument("--cache-interval", type=int,
-                   help="step caching: every N-th step runs the whole UNet, the others reuse its deep features "
-                        "(approximate; 1 = off)")
-    g.add_argument("--cache-depth", type=int, help="step caching: the recomputed branch, 0 = the shallowest")
-    g.add_argument("--speed", choices=("exact", "balanced", "fast"), default="exact",
-                   help="a tested combination of the approximate options (README: what each trades); options "
-                        "given explicitly override it")
+    _plan_options(g)
     g.add_argument("--decode-chunk-size", type=int, help="frames decoded at once; lower needs less memory "
                                                          "(default: 14, or 7 for svd-xt-1.1)")
     g.add_argument("--force", action="store_true", help="overwrite OUTPUT if it exists")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _batch_parser(sub)
     c = add_subcommand(sub, "calibrate", _calibrate, help="calibrate an F3-Pruning schedule",
                        description="Sample the images with the exact computation and record, for every temporal "
                                    "transformer block at every step, the F3 statistics; write them as a schedule "
@@ -134,6 +124,45 @@ def _parser() -> argparse.ArgumentParser:
                                    "whether it holds everything generation needs.")
     i.add_argument("checkpoint", help="a .safetensors file, a diffusers folder or a preset name (not downloaded)")
     return p
+
+
+def _plan_options(g: argparse.ArgumentParser) -> None:
+    """The approximate acceleration options `generate` and `batch` share (one per-step plan, plan.py)."""
+    g.add_argument("--guidance-cut-step", type=int, default=None,
+                   help="from this step on run only the conditional branch (approximate; off by default)")
+    g.add_argument("--f3-schedule", type=Path, help="F3-Pruning schedule from `svdlite calibrate` (approximate)")
+    g.add_argument("--f3-ratio", type=float, default=None,
+                   help="skip this ratio [0, 1) of the lowest-ranked temporal units (default 0: exact)")
+    g.add_argument("--f3-statistic", choices=("attention", "contribution"), default=None,
+                   help="the schedule's ranking statistic (default: attention, the F3 paper's)")
+    g.add_argument("--cache-interval", type=int,
+                   help="step caching: every N-th step runs the whole UNet, the others reuse its deep features "
+                        "(approximate; 1 = off)")
+    g.add_argument("--cache-depth", type=int, help="step caching: the recomputed branch, 0 = the shallowest")
+    g.add_argument("--speed", choices=("exact", "balanced", "fast"), default="exact",
+                   help="a tested combination of the approximate options (README: what each trades); options "
+                        "given explicitly override it")
+
+
+def _batch_parser(sub) -> None:
+    b = add_subcommand(sub, "batch", _batch,
+                       help="make videos from many images (also on several processes with torchrun)",
+                       description="Make one video per input image, OUTDIR/<image name>.<format>. Inputs whose "
+                                   "output exists are skipped (an interrupted run resumes); OUTDIR/manifest.jsonl "
+                                   "records every item. Under `torchrun --nproc-per-node N -m svdlite batch ...` "
+                                   "each process takes its share, on the GPU of its local rank (--device auto, the "
+                                   "default; the CPU when there is no GPU). Exit code 1 if any item failed.")
+    b.add_argument("inputs", type=Path, nargs="+", help="image files, folders (their images, sorted) or .txt files "
+                                                         "listing image paths (one a line)")
+    b.add_argument("-o", "--output", type=Path, required=True, help="output folder")
+    _sampling_options(b, seed_default=0)
+    b.set_defaults(device="auto")  # the GPU of the process's local rank when there are GPUs, else the CPU
+    _plan_options(b)
+    b.add_argument("--decode-chunk-size", type=int)
+    b.add_argument("--batch-size", type=int, default=1, help="videos per UNet evaluation (default 1)")
+    b.add_argument("--format", choices=("mp4", "webm", "gif"), default="mp4", help="output format (default mp4)")
+    b.add_argument("--overwrite", action="store_true", help="redo inputs whose output exists (default: skip them)")
+    b.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def _sampling_options(p: argparse.ArgumentParser, seed_default: int | None = None) -> None:
@@ -256,6 +285,28 @@ def _generate(args) -> int:
     video.save(output, overwrite=args.force)
     print(f"wrote {output} ({len(video)} frames, {video.width}x{video.height}, {video.fps:g} fps)")
     return 0
+
+
+def _batch(args) -> int:
+    import torch
+
+    from .batch import OPTION_KEYS, run_batch
+    from .plan import check_options, speed_options
+
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+    options = {k: getattr(args, k) for k in OPTION_KEYS if getattr(args, k) is not None}
+    check_options(speed_options(args.speed, {k: v for k, v in options.items() if k != "speed"}),
+                  args.f3_schedule is not None)  # before the model loads
+    summary = run_batch(args.inputs, args.output, model=args.model, seed=args.seed, batch_size=args.batch_size,
+                        overwrite=args.overwrite, video_format=args.format, device=args.device, dtype=dtype,
+                        progress=not args.no_progress, **options)
+    if summary["rank"] == 0:
+        minutes = summary["seconds"] / 60
+        rate = f", {summary['done'] / minutes:.2f} videos/min" if summary["done"] and minutes > 0 else ""
+        print(f"{summary['done']} done, {summary['failed']} failed, {summary['skipped']} skipped (output existed) "
+              f"in {summary['seconds']:.1f} s on {summary['world_size']} process(es){rate}; "
+              f"manifest: {args.output / 'manifest.jsonl'}")
+    return 1 if summary["failed"] else 0
 
 
 def _info(args) -> int:

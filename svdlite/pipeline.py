@@ -101,12 +101,19 @@ def generate(image, *, model="svd-xt", num_frames: int | None = None, num_infere
              guidance_cut_step: int | None = None, f3_schedule=None, f3_ratio: float | None = None,
              f3_statistic: str | None = None, cache_interval: int | None = None, cache_depth: int | None = None,
              schedule: str | None = None, sigmas=None, speed: str = "exact", device=None,
-             dtype: torch.dtype | None = None, progress: bool = True, token: str | None = None) -> Video:
-    """Generate a video from one image. Unset arguments take the preset's defaults (`model.sampling`).
+             dtype: torch.dtype | None = None, progress: bool = True, token: str | None = None,
+             batch_size: int = 1) -> Video | list[Video]:
+    """Generate a video from one image, or a list of videos from a list of images. Unset arguments take the
+    preset's defaults (`model.sampling`).
 
+    image: a path, PIL image or (3, H, W) tensor in [0, 1] -> one `Video`; a list of them -> a list of `Video`s, made
+      `batch_size` at a time (each UNet evaluation runs the rows of up to batch_size videos, both guidance halves;
+      a video does not depend on its batch beyond float32 noise, README "Many images").
     model: an `SVDModel` from `load_model`, or anything `load_model` takes (preset name, file, folder).
     device, dtype: where and in which precision the UNet and CLIP run; by default a loaded model's own, else
         cpu and float32. A loaded model is never moved or cast: asking for another device or dtype is an error.
+    seed: for a list, one int per image, or one int s: image k then gets seed s + k. Each `Video` records its seed.
+    generator, latents: for a list, one per image (a list), or None.
     fps: the frame rate; the model is conditioned on fps - 1 (fps=7 reproduces sgm's official script).
     latents: the initial noise at unit variance, (num_frames, 4, height/8, width/8), or (1, num_frames, ...) as
         diffusers takes it.
@@ -118,8 +125,8 @@ def generate(image, *, model="svd-xt", num_frames: int | None = None, num_infere
       schedule ("edm" | "ays") or sigmas: the noise schedule ("ays": Align Your Steps, 10 steps by default);
       speed ("exact" | "balanced" | "fast"): a named combination of these (plan.SPEED_LEVELS); options given
         explicitly override its choices.
-    Returns a `Video` (uint8 frames, fps) whose `latents` are the final denoised latents.
-    Settings, options, image and device are checked before the model is loaded; non-finite values stop the run.
+    Returns a `Video` (uint8 frames, fps, seed) whose `latents` are the final denoised latents (a list for a list).
+    Settings, options, images and device are checked before the model is loaded; non-finite values stop the run.
     """
     checks.check_settings(num_frames=num_frames, num_inference_steps=num_inference_steps, fps=fps,
                           motion_bucket_id=motion_bucket_id, noise_aug_strength=noise_aug_strength,
@@ -134,8 +141,11 @@ def generate(image, *, model="svd-xt", num_frames: int | None = None, num_infere
         raise ValueError("pass either seed or generator, not both")
     if f3_schedule is not None:
         f3_schedule = as_schedule(f3_schedule)  # a bad file fails here, before the model loads
-    if isinstance(image, (str, Path)):
-        image = open_image(image)  # a bad file fails here, before the model loads
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    batched = isinstance(image, (list, tuple))
+    images = [open_image(im) if isinstance(im, (str, Path)) else im  # a bad file fails here, before loading
+              for im in (image if batched else [image])]
     if not isinstance(model, SVDModel):
         model = load_model(model, device=checks.resolve_device(device or "cpu"),
                            dtype=checks.check_dtype(dtype or torch.float32), token=token)
@@ -149,15 +159,22 @@ def generate(image, *, model="svd-xt", num_frames: int | None = None, num_infere
     plan = make_plan(model, s, sigmas, schedule_name=schedule_name, f3_schedule=f3_schedule,
                      **{k: o[k] for k in ("guidance_cut_step", "f3_ratio", "f3_statistic", "cache_interval",
                                           "cache_depth") if k in o})
-    generator = make_generator(seed, generator)
-    x = sample(model, image, s, plan, generator=generator, latents=latents, device=dev, dtype=dtype,
-               progress=progress)
-    checks.check_finite(x, "the latents after sampling", f"the UNet ran in {dtype}: try float32 (CLI: --dtype fp32) "
-                        "or bf16, and check the UNet weights for NaN/inf")
-    frames = decode(model, x, s.num_frames, s.decode_chunk_size, progress)
-    checks.check_finite(frames, "the decoded frames", "the VAE decoder (float32) produced them from finite latents: "
-                        "its weights hold NaN/inf (corrupt file?)")
-    return Video(to_uint8_frames(frames), float(s.fps), latents=x.cpu())
+    seeds, generators = make_generators(len(images), seed, generator, batched)
+    latents = _per_image(latents, len(images), batched, "latents")
+    t, videos = s.num_frames, []
+    for start in range(0, len(images), batch_size):
+        part = slice(start, start + batch_size)
+        x = sample(model, images[part], s, plan, generator=generators[part], latents=latents[part], device=dev,
+                   dtype=dtype, progress=progress)
+        checks.check_finite(x, "the latents after sampling", f"the UNet ran in {dtype}: try float32 (CLI: --dtype "
+                            "fp32) or bf16, and check the UNet weights for NaN/inf")
+        decoded = decode(model, x, t, s.decode_chunk_size, progress)
+        checks.check_finite(decoded, "the decoded frames", "the VAE decoder (float32) produced them from finite "
+                            "latents: its weights hold NaN/inf (corrupt file?)")
+        frames = to_uint8_frames(decoded)
+        videos += [Video(frames[k * t:(k + 1) * t], float(s.fps), latents=x[k * t:(k + 1) * t].cpu(), seed=seed_k)
+                   for k, seed_k in enumerate(seeds[part])]
+    return videos if batched else videos[0]
 
 
 def make_generator(seed: int | None, generator: torch.Generator | None) -> torch.Generator:
@@ -167,28 +184,69 @@ def make_generator(seed: int | None, generator: torch.Generator | None) -> torch
         seed if seed is not None else torch.seed())
 
 
+def _per_image(value, count: int, batched: bool, name: str) -> list:
+    """A per-image argument as a list of `count`: for a list of images a list (or None), else the one value."""
+    if not batched:
+        return [value]
+    if value is None:
+        return [None] * count
+    if not isinstance(value, (list, tuple)) or len(value) != count:
+        raise ValueError(f"{name} for a list of {count} images must be a list of {count} (one per image) or None, "
+                         f"got {type(value).__name__}" + (f" of {len(value)}" if isinstance(value, (list, tuple))
+                                                          else ""))
+    return list(value)
+
+
+def make_generators(count: int, seed, generator, batched: bool) -> tuple[list, list[torch.Generator]]:
+    """(seeds, generators), one per image: `seed` is an int (a list of images: image k gets seed + k), a list of
+    ints, or None (a random seed); the seed is None where a generator was passed."""
+    if seed is not None and generator is not None:
+        raise ValueError("pass either seed or generator, not both")
+    if generator is not None:
+        return [None] * count, _per_image(generator, count, batched, "generator")
+    if batched and isinstance(seed, (list, tuple)):
+        seeds = _per_image(seed, count, batched, "seed")
+    else:
+        if seed is None:
+            seed = torch.seed() if not batched else torch.seed() % 2**63  # room for seed + k
+        seeds = [seed + k for k in range(count)] if isinstance(seed, int) and not isinstance(seed, bool) else [seed]
+    for s in seeds:
+        if isinstance(s, bool) or not isinstance(s, int) or not 0 <= s < 2**64:
+            raise ValueError(f"a seed must be an int in [0, 2**64), got {s!r}")
+    return seeds, [torch.Generator().manual_seed(s) for s in seeds]
+
+
 def sample(model: SVDModel, image, s: SamplingConfig, plan: Plan, *, generator: torch.Generator,
            latents: torch.Tensor | None = None, device="cpu", dtype: torch.dtype = torch.float32,
            progress: bool = False, record: dict | None = None) -> torch.Tensor:
-    """Condition on the image and run the plan's sampling loop: the final latents ((frames, 4, h/8, w/8), fp32).
+    """Condition on the image(s) and run the plan's sampling loop: the final latents ((b t), 4, h/8, w/8), fp32.
 
+    image: one image, or a list of b images (videos sampled together as `(b t)` rows); then `generator` and
+        `latents` are lists of b too, one per video, each generator drawn in the one-video order (the condition
+        image's noise augmentation, then the initial latents).
     record: a dict that receives {step: {unit: {"attention", "contribution"}}} (F3 calibration)."""
     dev = torch.device(device)
-    pixels = load_image(image, s.height, s.width).to(dev)
+    batched = isinstance(image, (list, tuple))
+    images = list(image) if batched else [image]
+    generators = _per_image(generator, len(images), batched, "generator")
+    noises = _per_image(latents, len(images), batched, "latents")
+    pixels = torch.cat([load_image(im, s.height, s.width) for im in images]).to(dev)
     image_embeds = encode_image(model.image_encoder, pixels).float()  # preprocesses (224 resize, CLIP norm)
-    cond_pixels = augment_condition_image(pixels, s.noise_aug_strength, generator)
+    cond_pixels = torch.cat([augment_condition_image(p[None], s.noise_aug_strength, g)
+                             for p, g in zip(pixels, generators)])
     cond_latent = model.vae_encoder(cond_pixels).float()
     checks.check_finite(torch.cat([image_embeds.flatten(), cond_latent.flatten()]), "the CLIP embedding and VAE "
                         "latent of the image", "the image encoder or VAE encoder weights hold NaN/inf (corrupt file?)")
     latent_shape = (s.num_frames, cond_latent.shape[1], *cond_latent.shape[-2:])
-    if latents is None:
-        latents = torch.randn(latent_shape, generator=generator, device=generator.device)
-    else:
-        latents = checks.check_latents(latents, latent_shape)
-    vector = micro_conditioning(fps_id_from_fps(s.fps), s.motion_bucket_id, s.noise_aug_strength, 1, device=dev)
+    for k, (noise, g) in enumerate(zip(noises, generators)):
+        noises[k] = (torch.randn(latent_shape, generator=g, device=g.device) if noise is None
+                     else checks.check_latents(noise, latent_shape))
+    latents = torch.cat([noise.to(dev, torch.float32) for noise in noises])  # ((b t), 4, h/8, w/8)
+    vector = micro_conditioning(fps_id_from_fps(s.fps), s.motion_bucket_id, s.noise_aug_strength, len(images),
+                                device=dev)
     batch = cfg_batch(image_embeds, cond_latent, vector, s.num_frames)
     sigmas = plan.sigmas_tensor(dev)
-    x = sampling.initial_latents(latents.to(dev, torch.float32), sigmas)
+    x = sampling.initial_latents(latents, sigmas)
     denoise = make_denoiser(model, batch, s.num_frames, s.min_guidance_scale, s.max_guidance_scale, plan.cache_depth,
                             dtype, record)
     with tqdm(total=plan.num_steps, desc="denoising", disable=not progress) as bar:

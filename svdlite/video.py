@@ -49,11 +49,13 @@ def to_uint8_frames(decoded: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class Video:
-    """frames: (T, H, W, 3) uint8 tensor on the CPU; fps: playback rate; latents: the final denoised latents."""
+    """frames: (T, H, W, 3) uint8 tensor on the CPU; fps: playback rate; latents: the final denoised latents;
+    seed: the seed it was generated with (None when a generator was passed)."""
 
     frames: torch.Tensor
     fps: float
     latents: torch.Tensor | None = None
+    seed: int | None = None
 
     def __post_init__(self):
         if self.frames.dtype != torch.uint8 or self.frames.ndim != 4 or self.frames.shape[-1] != 3:

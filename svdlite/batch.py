@@ -1,0 +1,312 @@
+"""Many images to videos: `run_batch` (`svdlite batch`), on one process or many under torchrun.
+
+Inputs are image files, folders (their images, sorted by name) and text files listing paths. Each item's output is
+OUTDIR/<input stem>.<format>; an item whose output exists is skipped, so a rerun resumes an interrupted one. The
+items still to do are dealt round-robin over the processes (`RANK`/`WORLD_SIZE`, as torchrun sets them): every item
+exactly once, decided from the item list and the outputs present at the start, whatever the number of processes.
+Each process appends one JSON line per item to its manifest part; at the end rank 0 merges the parts into
+OUTDIR/manifest.jsonl, one line per item (its latest record). A failing item is recorded and the run goes on.
+Every process needs the same view of OUTDIR (one machine, or a filesystem all machines share).
+"""
+import dataclasses
+import datetime
+import hashlib
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .components import SVDModel, load_model
+from .pipeline import generate, noise_schedule, resolve_settings
+from .plan import speed_options
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif")
+LIST_SUFFIXES = (".txt", ".lst")
+VIDEO_FORMATS = ("mp4", "webm", "gif")
+MANIFEST = "manifest.jsonl"
+SAMPLING_KEYS = ("num_frames", "num_inference_steps", "fps", "motion_bucket_id", "noise_aug_strength",
+                 "min_guidance_scale", "max_guidance_scale", "decode_chunk_size", "height", "width")
+PLAN_KEYS = ("schedule", "guidance_cut_step", "f3_ratio", "f3_statistic", "cache_interval", "cache_depth")
+OPTION_KEYS = SAMPLING_KEYS + PLAN_KEYS + ("f3_schedule", "speed")
+
+
+@dataclass(frozen=True)
+class Item:
+    """One image to turn into a video: its place in the run's item list, its input path and its output path."""
+
+    index: int
+    input: Path
+    output: Path
+
+
+def discover_inputs(inputs) -> list[Path]:
+    """Image paths, in order: a file as given, a folder's images sorted by name (not recursive), and the lines of a
+    .txt/.lst list (blank lines and `#` comments skipped; relative paths are relative to the list's folder)."""
+    paths = []
+    for given in map(Path, inputs):
+        if given.is_dir():
+            paths += sorted(p for p in given.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        elif given.suffix.lower() in LIST_SUFFIXES and given.is_file():
+            for line in given.read_text().splitlines():
+                line = line.strip()
+                if line and not line.startswith("#"):
+                    path = Path(line).expanduser()
+                    paths.append(path if path.is_absolute() else given.parent / path)
+        elif given.is_file():
+            paths.append(given)
+        else:
+            raise FileNotFoundError(f"input {given} is not an image file, a folder or a .txt list of paths")
+    return paths
+
+
+def make_items(paths, outdir, video_format: str = "mp4") -> list[Item]:
+    """One `Item` per input, its output named after the input's stem; two inputs with one stem are an error."""
+    if video_format not in VIDEO_FORMATS:
+        raise ValueError(f"unknown video format {video_format!r}; expected one of {VIDEO_FORMATS}")
+    items, owner = [], {}
+    for index, path in enumerate(paths):
+        output = Path(outdir) / f"{path.stem}.{video_format}"
+        if output.name in owner:
+            raise ValueError(f"inputs {owner[output.name]} and {path} would both write {output}; rename one")
+        owner[output.name] = path
+        items.append(Item(index, Path(path), output))
+    return items
+
+
+def item_seed(seed: int, name: str) -> int:
+    """The seed of the item named `name` (its output stem) in a run with seed `seed`: a 63-bit hash of both, so it
+    does not depend on the other items, their order or the number of processes."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8], "big") >> 1
+
+
+def shard(items: list, rank: int, world_size: int) -> list:
+    """The items of process `rank` out of `world_size`: every world_size-th from rank on (each exactly once)."""
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
+    return items[rank::world_size]
+
+
+@dataclass(frozen=True)
+class Dist:
+    """This process's place in the run (torchrun's RANK, WORLD_SIZE, LOCAL_RANK; 0, 1, 0 without torchrun)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @classmethod
+    def from_env(cls, env=None) -> "Dist":
+        env = os.environ if env is None else env
+        try:
+            d = cls(*(int(env.get(k, default)) for k, default in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0))))
+        except ValueError as err:
+            raise ValueError(f"RANK, WORLD_SIZE and LOCAL_RANK must be integers: {err}") from None
+        if d.world_size < 1 or not 0 <= d.rank < d.world_size:
+            raise ValueError(f"need 0 <= RANK < WORLD_SIZE, got RANK={d.rank}, WORLD_SIZE={d.world_size}")
+        return d
+
+
+def pick_device(device: str, dist: Dist) -> str:
+    """"auto": the GPU of this process's local rank when there are GPUs, else the CPU; "cuda": that GPU."""
+    if device == "auto":
+        return f"cuda:{dist.local_rank}" if torch.cuda.is_available() else "cpu"
+    return f"cuda:{dist.local_rank}" if device == "cuda" else device
+
+
+def merge_manifest(outdir: Path, items: list[Item], skipped: list[Item]) -> list[dict]:
+    """Merge OUTDIR/manifest.jsonl and every rank's part into manifest.jsonl (written atomically), one record per
+    output, the latest one; skipped items without an earlier record get a "skipped" record. Deletes the parts."""
+    outdir = Path(outdir)
+    records: dict[str, dict] = {}
+    parts = sorted(outdir.glob(".manifest.rank*.jsonl"))
+    for path in [outdir / MANIFEST] + parts:
+        if path.exists():
+            for line in path.read_text().splitlines():
+                if line.strip():
+                    r = json.loads(line)
+                    key = Path(r["output"]).name
+                    if key not in records or r.get("finished", "") >= records[key].get("finished", ""):
+                        records[key] = r
+    for item in skipped:
+        records.setdefault(item.output.name, {"input": str(item.input), "output": str(item.output),
+                                              "status": "skipped", "error": "output existed before the run"})
+    order = [i.output.name for i in items]
+    keys = [k for k in order if k in records] + [k for k in records if k not in set(order)]
+    tmp = outdir / f".{MANIFEST}.partial"
+    tmp.write_text("".join(json.dumps(records[k]) + "\n" for k in keys))
+    tmp.replace(outdir / MANIFEST)
+    for path in parts:
+        path.unlink()
+    return [records[k] for k in keys]
+
+
+def run_settings(model: SVDModel, options: dict, dtype: torch.dtype) -> dict:
+    """The settings every video of the run is made with (the preset's, overridden by `options`), checked once."""
+    o = speed_options(options.get("speed") or "exact", {k: options.get(k) for k in PLAN_KEYS}
+                      | {"num_inference_steps": options.get("num_inference_steps")})
+    sigmas, schedule = noise_schedule(o.get("num_inference_steps"), o.get("schedule"), None,
+                                      model.sampling.num_inference_steps)
+    s = resolve_settings(model, **{k: options.get(k) for k in SAMPLING_KEYS if k != "num_inference_steps"},
+                         num_inference_steps=len(sigmas) - 1)
+    plan = {k: v for k, v in o.items() if k not in ("num_inference_steps", "schedule")}
+    f3 = {"f3_schedule": str(options["f3_schedule"])} if options.get("f3_schedule") is not None else {}
+    return (dataclasses.asdict(s) | {"schedule": schedule, "speed": options.get("speed") or "exact"} | plan | f3
+            | {"model": model.source, "dtype": str(dtype).removeprefix("torch.")})
+
+
+def _init_group(dist: Dist, device: str):
+    """(torch.distributed, whether this call initialised it) when there are several processes (gloo on the CPU,
+    nccl on GPUs); (None, False) for one. A group the caller initialised is used and left to the caller."""
+    if dist.world_size == 1:
+        return None, False
+    import torch.distributed as td
+
+    if td.is_initialized():
+        return td, False
+    if device.startswith("cuda"):
+        torch.cuda.set_device(torch.device(device))
+    # the slowest process may finish long after the others, which then wait at the final barrier
+    td.init_process_group("nccl" if device.startswith("cuda") else "gloo", rank=dist.rank,
+                          world_size=dist.world_size, timeout=datetime.timedelta(hours=24))
+    return td, True
+
+
+@torch.no_grad()
+def run_batch(inputs, outdir, *, model="svd-xt", seed: int = 0, batch_size: int = 1, overwrite: bool = False,
+              video_format: str = "mp4", device: str = "auto", dtype: torch.dtype = torch.float32,
+              progress: bool = True, token: str | None = None, dist: Dist | None = None, **options) -> dict:
+    """Turn every input image into a video in `outdir`; under torchrun each process does its share.
+
+    Args:
+        inputs: image files, folders and .txt lists (`discover_inputs`).
+        outdir: the output folder (made if missing); outputs are <input stem>.<video_format>.
+        model: an `SVDModel` or anything `load_model` takes; loaded once per process.
+        seed: the run's seed; item "name" gets `item_seed(seed, name)`, recorded in the manifest.
+        batch_size: videos per UNet evaluation (`generate`'s batch_size).
+        overwrite: redo items whose output exists (else they are skipped).
+        device: "auto" (GPU of the local rank, else CPU), "cuda" (GPU of the local rank) or a device.
+        dist: the process's rank and world size; None reads torchrun's environment (`Dist.from_env`).
+        options: `generate`'s sampling and acceleration options (num_frames, num_inference_steps, speed, ...).
+    Returns:
+        {"done", "failed", "skipped"} counts over all processes, "seconds" (from the start of generation to the end
+        of the slowest process), "rank", "world_size" and "records" (this run's manifest records: this process's,
+        all processes' on rank 0).
+    """
+    unknown = set(options) - set(OPTION_KEYS)
+    if unknown:
+        raise TypeError(f"run_batch got unknown options {sorted(unknown)}; expected some of {OPTION_KEYS}")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"seed must be an int, got {seed!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    dist = Dist.from_env() if dist is None else dist
+    outdir = Path(outdir)
+    items = make_items(discover_inputs(inputs), outdir, video_format)
+    device = pick_device(device, dist)
+    group, own_group = _init_group(dist, device)
+    try:
+        if not isinstance(model, SVDModel):
+            model = load_model(model, device=device, dtype=dtype, token=token)
+        settings = run_settings(model, options, dtype)
+        outdir.mkdir(parents=True, exist_ok=True)
+        # rank 0 decides what is left to do (and names the run): every process deals the same list, even if a
+        # folder changed between the processes' listings
+        shared = [[(i.index, str(i.input), str(i.output)) for i in items if overwrite or not i.output.exists()],
+                  datetime.datetime.now().isoformat()]
+        if group is not None:
+            group.broadcast_object_list(shared, src=0)
+        todo, run_id = [Item(i, Path(a), Path(b)) for i, a, b in shared[0]], shared[1]
+        skipped = [i for i in items if i not in set(todo)]  # used by rank 0 only
+        mine = shard(todo, dist.rank, dist.world_size)
+        start = time.perf_counter()
+        records = _run_share(mine, model, outdir / f".manifest.rank{dist.rank}.jsonl", seed=seed,
+                             batch_size=batch_size, settings=settings, run_id=run_id, overwrite=overwrite,
+                             device=device, dtype=dtype, dist=dist, progress=progress, options=options)
+        counts = torch.tensor([sum(r["status"] == s for r in records) for s in ("done", "failed")])
+        if group is not None:  # sums over the processes (on the GPU for nccl); waits for every share to finish
+            counts = counts.to(device if group.get_backend() == "nccl" else "cpu")
+            group.all_reduce(counts)
+            counts = counts.cpu()
+        seconds = time.perf_counter() - start
+        if dist.rank == 0:
+            records = merge_manifest(outdir, items, skipped)
+            records = [r for r in records if r.get("run") == run_id]
+        if group is not None:
+            group.barrier()  # nobody leaves (and torchrun ends nobody) before the manifest is merged
+        return {"done": int(counts[0]), "failed": int(counts[1]), "skipped": len(skipped), "seconds": seconds,
+                "rank": dist.rank, "world_size": dist.world_size, "records": records}
+    finally:
+        if own_group:
+            group.destroy_process_group()
+
+
+def _run_share(mine: list[Item], model: SVDModel, part: Path, *, seed, batch_size, settings, run_id, overwrite,
+               device, dtype, dist: Dist, progress: bool, options: dict) -> list[dict]:
+    """Generate this process's items `batch_size` at a time, appending one manifest record per item to `part`."""
+    from PIL import Image
+
+    kwargs = {k: v for k, v in options.items() if v is not None}
+    records = []
+    bar = tqdm(total=len(mine), desc=f"rank {dist.rank}/{dist.world_size}" if dist.world_size > 1 else "videos",
+               disable=not progress, unit="video")
+    with open(part, "a") as log, bar:
+        def record(item, status, seconds, error=None, video=None):
+            r = {"input": str(item.input), "output": str(item.output), "seed": item_seed(seed, item.output.stem),
+                 "status": status, "error": error, "seconds": round(seconds, 3), "batch_size": batch_size,
+                 "rank": dist.rank, "world_size": dist.world_size, "settings": settings,
+                 "frames_sha256": None if video is None else hashlib.sha256(video.frames.numpy()).hexdigest(),
+                 "run": run_id, "finished": datetime.datetime.now().isoformat()}
+            log.write(json.dumps(r) + "\n")
+            log.flush()
+            records.append(r)
+            if error is not None:
+                print(f"svdlite: {item.input}: failed: {error}", file=sys.stderr)
+            bar.update(1)
+
+        def run(chunk, images):
+            t0 = time.perf_counter()
+            videos = generate(images, model=model, seed=[item_seed(seed, i.output.stem) for i in chunk],
+                              batch_size=len(chunk), device=device, dtype=dtype, progress=False, **kwargs)
+            each = (time.perf_counter() - t0) / len(chunk)
+            for item, video in zip(chunk, videos):
+                t1 = time.perf_counter()
+                try:
+                    video.save(item.output, overwrite=overwrite)
+                except Exception as err:  # noqa: BLE001 - one item's failure is recorded, the run goes on
+                    record(item, "failed", each + time.perf_counter() - t1, _describe(err))
+                else:
+                    record(item, "done", each + time.perf_counter() - t1, video=video)
+
+        for start in range(0, len(mine), batch_size):
+            chunk, images = [], []
+            for item in mine[start:start + batch_size]:
+                t0 = time.perf_counter()
+                try:
+                    with Image.open(item.input) as img:
+                        images.append(img.convert("RGB"))
+                    chunk.append(item)
+                except Exception as err:  # noqa: BLE001
+                    record(item, "failed", time.perf_counter() - t0, _describe(err))
+            if not chunk:
+                continue
+            try:
+                run(chunk, images)
+            except Exception as err:  # noqa: BLE001
+                if len(chunk) == 1:
+                    record(chunk[0], "failed", 0.0, _describe(err))
+                    continue
+                for item, image in zip(chunk, images):  # find the failing item: one at a time
+                    try:
+                        run([item], [image])
+                    except Exception as err:  # noqa: BLE001
+                        record(item, "failed", 0.0, _describe(err))
+    return records
+
+
+def _describe(err: BaseException) -> str:
+    return f"{type(err).__name__}: {err}"
