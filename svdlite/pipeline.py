@@ -131,8 +131,10 @@ def generate(image, *, model="svd-xt", num_frames: int | None = None, num_infere
     checks.check_settings(num_frames=num_frames, num_inference_steps=num_inference_steps, fps=fps,
                           motion_bucket_id=motion_bucket_id, noise_aug_strength=noise_aug_strength,
                           min_guidance_scale=min_guidance_scale, max_guidance_scale=max_guidance_scale,
-                          decode_chunk_size=decode_chunk_size, height=height, width=width, seed=seed,
+                          decode_chunk_size=decode_chunk_size, height=height, width=width,
                           guidance_cut_step=guidance_cut_step)
+    for seed_k in seed if isinstance(seed, (list, tuple)) else [seed]:  # one seed, or one per image
+        checks.check_settings(seed=seed_k)
     o = speed_options(speed, dict(num_inference_steps=num_inference_steps, schedule=schedule,
                                   guidance_cut_step=guidance_cut_step, f3_ratio=f3_ratio, f3_statistic=f3_statistic,
                                   cache_interval=cache_interval, cache_depth=cache_depth))

@@ -188,6 +188,6 @@ def test_cli_batch_options_and_errors(tmp_path):
 
     with pytest.raises(SystemExit):
         main(["batch", "--help"])
-    assert main(["batch", str(tmp_path / "nothing"), "-o", str(tmp_path / "out"), *CLI_OPTIONS]) == 1
+    assert main(["batch", str(tmp_path / "nothing"), "-o", str(tmp_path / "out"), *CLI_OPTIONS]) == 2  # refused before any work (exit codes: svdlite.cli)
     with pytest.raises(TypeError, match="unknown options"):
         run_batch([], tmp_path, model="tiny", colour="red")
