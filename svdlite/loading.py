@@ -4,9 +4,14 @@ Formats (DESIGN.md "Weights and formats"):
   original   one sgm single file (`svd*.safetensors`), UNet keys prefixed `model.diffusion_model.`;
   diffusers  a pipeline folder with `unet/`, a `unet/` folder, or its `diffusion_pytorch_model[.fp16].safetensors`;
   svdlite    a file written by tools/convert_weights.py (metadata `format=svdlite`, UNet keys prefixed `unet.`).
-Only the tensors a model needs are read (safetensors `safe_open`); every read is recorded in `TensorSource.reads`.
+Only the tensors a model needs are read; every read is recorded in `TensorSource.reads`. Each tensor is read once,
+straight into its final dtype and device: a tensor already in that dtype is the file's own memory map (no copy),
+any other is read through a small reused buffer into a new tensor of the final dtype, so the file's pages never
+count towards the process's memory and the model is never held twice (peak = the loaded model + one buffer).
 """
 import json
+import os
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -28,11 +33,24 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be loaded: wrong format, missing/unexpected/misshapen tensors, unreadable file."""
 
 
+# safetensors dtype names -> torch dtypes (the format's header, https://github.com/huggingface/safetensors)
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                      "BOOL": torch.bool}
+READ_BUFFER_BYTES = 32 << 20  # the reused buffer through which converted tensors are read
+# Tensors are used in place from the file's memory map only at this alignment (that of torch's own allocations):
+# CPU kernels round differently on differently aligned data, so one network loaded from files with different
+# layouts would otherwise give outputs that differ in the last bits.
+ALIGNMENT = 64
+
+
 class TensorSource:
     """Lazy access to the tensors of one or more safetensors files (several for a sharded diffusers folder)."""
 
     def __init__(self, files: list[Path]):
         self.files, self.key_file, self.metadata, self.reads, self._handles = files, {}, {}, [], {}
+        self._layout: dict[str, tuple[str, tuple[int, ...], int, int]] = {}  # key -> (dtype, shape, offset, end)
+        self._buffer: torch.Tensor | None = None
         for f in files:
             if not f.is_file():
                 raise CheckpointError(f"{f}: no such file")
@@ -40,7 +58,8 @@ class TensorSource:
                 h = self._handles[f] = safe_open(str(f), framework="pt")
                 self.metadata.update(h.metadata() or {})
                 self.key_file.update({k: f for k in h.keys()})
-            except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+                self._layout.update(_safetensors_layout(f))
+            except (SafetensorError, OSError, ValueError, RuntimeError, KeyError) as err:
                 raise CheckpointError(f"{f} is not a readable safetensors file ({err}); svdlite reads .safetensors "
                                       "checkpoints only (original single file, diffusers folder or converted)") from err
 
@@ -50,13 +69,62 @@ class TensorSource:
     def shape(self, key: str) -> tuple[int, ...]:
         return tuple(self._handles[self.key_file[key]].get_slice(key).get_shape())
 
-    def get(self, key: str) -> torch.Tensor:
-        """Read one tensor (recorded in `reads`)."""
+    def get(self, key: str, dtype: torch.dtype | None = None, device="cpu") -> torch.Tensor:
+        """Read one tensor (recorded in `reads`) as `dtype` (default: the file's) on `device`.
+
+        In the file's dtype on the CPU and 64-byte aligned in the file it is the file's memory map (no copy);
+        otherwise it is read once, through a reused buffer of READ_BUFFER_BYTES, into a new tensor of `dtype` on
+        `device`."""
         self.reads.append(key)
+        file = self.key_file[key]
+        name, shape, start, end = self._layout[key]
+        stored = SAFETENSORS_DTYPES.get(name)
         try:
-            return self._handles[self.key_file[key]].get_tensor(key)
+            if stored is None:
+                return self._handles[file].get_tensor(key).to(device=device, dtype=dtype)
+            dtype = stored if dtype is None else dtype
+            if dtype == stored and torch.device(device).type == "cpu" and start % ALIGNMENT == 0:
+                mapped = self._handles[file].get_tensor(key)
+                if mapped.data_ptr() % ALIGNMENT == 0:
+                    return mapped
+            out = torch.empty(shape, dtype=dtype, device=device)
+            self._read_converted(file, stored, start, end, out.view(-1))
+            return out
         except (SafetensorError, OSError, RuntimeError) as err:
-            raise CheckpointError(f"{self.key_file[key]}: cannot read tensor {key!r} ({err}); truncated file?") from err
+            raise CheckpointError(f"{file}: cannot read tensor {key!r} ({err}); truncated file?") from err
+
+    def _read_converted(self, file: Path, stored: torch.dtype, start: int, end: int, out: torch.Tensor) -> None:
+        """Bytes [start, end) of `file` (elements of `stored`) into the flat tensor `out`, converting piecewise."""
+        if end - start != out.numel() * stored.itemsize:
+            raise CheckpointError(f"{file}: a tensor's byte range {start}..{end} does not match its shape")
+        if self._buffer is None:
+            self._buffer = torch.empty(READ_BUFFER_BYTES, dtype=torch.uint8)
+        step = READ_BUFFER_BYTES // stored.itemsize
+        with open(file, "rb", buffering=0) as fh:
+            for i in range(0, out.numel(), step):
+                n = min(step, out.numel() - i)
+                view = memoryview(self._buffer.numpy())[: n * stored.itemsize]
+                pos, offset = 0, start + i * stored.itemsize
+                while pos < len(view):
+                    got = os.preadv(fh.fileno(), [view[pos:]], offset + pos)
+                    if got <= 0:
+                        raise CheckpointError(f"{file}: file ends inside a tensor; truncated file?")
+                    pos += got
+                out[i:i + n].copy_(self._buffer[: n * stored.itemsize].view(stored))
+
+    def release_buffer(self) -> None:
+        """Free the read buffer (the next converted read allocates it again)."""
+        self._buffer = None
+
+
+def _safetensors_layout(path: Path) -> dict[str, tuple[str, tuple[int, ...], int, int]]:
+    """{key: (dtype name, shape, first byte, end byte)} from a safetensors header (u64 length + JSON)."""
+    with open(path, "rb") as fh:
+        (length,) = struct.unpack("<Q", fh.read(8))
+        header = json.loads(fh.read(length))
+    base = 8 + length
+    return {k: (v["dtype"], tuple(v["shape"]), base + v["data_offsets"][0], base + v["data_offsets"][1])
+            for k, v in header.items() if k != "__metadata__"}
 
 
 def diffusers_unet_files(folder: Path) -> list[Path] | None:
@@ -145,8 +213,16 @@ def _fmt_keys(keys, limit: int = 8) -> str:
 
 
 def fold_matmul(w_out: torch.Tensor, w_v: torch.Tensor) -> torch.Tensor:
-    """attn2's W_out (C, C') @ W_v (C', D), in float64 so the fold adds one rounding only."""
-    return w_out.double() @ w_v.double()
+    """attn2's W_out (C, C') @ W_v (C', D), in the dtype given (the loader passes float32, or float64 for a
+    float64 model): float32 differs from the float64 product by ~1e-6 relative (tests/test_loading.py)."""
+    return w_out @ w_v
+
+
+def fold_shape(out_shape: tuple[int, ...], v_shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The shape of `fold_matmul`'s product; a RuntimeError (reported as a wrong shape) if it is undefined."""
+    if len(out_shape) != 2 or len(v_shape) != 2 or out_shape[1] != v_shape[0]:
+        raise RuntimeError(f"cannot multiply {out_shape} by {v_shape}")
+    return out_shape[0], v_shape[1]
 
 
 @dataclass(frozen=True)
@@ -155,6 +231,7 @@ class Entry:
 
     sources: tuple[str, ...]
     combine: Callable | None = None
+    shape: Callable | None = None  # the combined shape from the sources' shapes (default: combine on meta tensors)
 
 
 def load_planned(model: nn.Module, src: TensorSource, plan: dict[str, Entry], *, scope: set[str],
@@ -177,8 +254,12 @@ def load_planned(model: nn.Module, src: TensorSource, plan: dict[str, Entry], *,
     for key, entry in plan.items():
         shapes = [src.shape(s) for s in entry.sources]
         try:
-            shape = tuple(entry.combine(*(torch.empty(s, device="meta") for s in shapes)).shape) if entry.combine \
-                else shapes[0]
+            if entry.combine is None:
+                shape = shapes[0]
+            elif entry.shape is not None:
+                shape = tuple(entry.shape(*shapes))
+            else:
+                shape = tuple(entry.combine(*(torch.empty(s, device="meta") for s in shapes)).shape)
         except RuntimeError:
             shape = tuple(shapes)
         if shape != expected[key]:
@@ -187,10 +268,13 @@ def load_planned(model: nn.Module, src: TensorSource, plan: dict[str, Entry], *,
     if wrong:
         raise CheckpointError(f"{len(wrong)} tensors of {label} have the wrong shape: " + "; ".join(wrong[:8])
                               + (f" ... (+{len(wrong) - 8} more)" if len(wrong) > 8 else ""))
-    state = {}
+    state, work = {}, torch.promote_types(dtype, torch.float32)  # combined tensors: computed in >= float32
     for key, entry in plan.items():
-        tensors = [src.get(s) for s in entry.sources]
-        state[key] = (entry.combine(*tensors) if entry.combine else tensors[0]).to(device=device, dtype=dtype)
+        if entry.combine is None:
+            state[key] = src.get(entry.sources[0], dtype, device)
+        else:
+            state[key] = entry.combine(*(src.get(s, work, device) for s in entry.sources)).to(dtype)
+    src.release_buffer()
     model.load_state_dict(state, strict=True, assign=True)
     left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if left:
@@ -199,7 +283,8 @@ def load_planned(model: nn.Module, src: TensorSource, plan: dict[str, Entry], *,
 
 
 def unet_plan(fmt: str, config: UNetConfig, expected) -> dict[str, Entry]:
-    return {k: Entry(srcs, fold_matmul if len(srcs) == 2 else None)
+    fold = Entry((), fold_matmul, fold_shape)
+    return {k: Entry(srcs, fold.combine, fold.shape) if len(srcs) == 2 else Entry(srcs)
             for k, srcs in unet_read_plan(fmt, config, expected).items()}
 
 
