@@ -52,8 +52,24 @@ def child(side: str, path: str, dtype: str, threads: int) -> dict:
     return {"seconds": seconds, "peak_rss": peak, "rss_before": base, "model_bytes": model_bytes}
 
 
-def write_files(folder: Path, config, seed: int, log) -> dict[str, Path]:
-    """The three files from one set of random weights (see the module docstring)."""
+def write_files(folder: Path, seed: int, log) -> dict[str, Path]:
+    """The three files from one set of random weights, written by a child process (whose freed memory would
+    otherwise stay with this one while the loads run)."""
+    cmd = [sys.executable, __file__, "--write-files", str(folder), "--seed", str(seed)]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=_child_env())
+    if out.returncode:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{out.stderr[-2000:]}")
+    log(f"wrote the loading benchmark's files to {folder}")
+    return file_paths(folder)
+
+
+def file_paths(folder: Path) -> dict[str, Path]:
+    return {"diffusers": folder / "diffusers", "original": folder / "svd_original_fp16.safetensors",
+            "svdlite": folder / "svd.svdlite.safetensors"}
+
+
+def _write_files(folder: Path, seed: int) -> None:
+    """The three files (see the module docstring), SVD's full-size UNet."""
     sys.path.insert(0, str(Path(__file__).parent))
     from benchmark import build_diffusers_unet
     from safetensors.torch import save_file
@@ -63,8 +79,9 @@ def write_files(folder: Path, config, seed: int, log) -> dict[str, Path]:
     from svdlite.unet import VideoUNet
     from svdlite.unet_keymap import ORIGINAL_PREFIX, diffusers_unet_names
 
-    paths = {"diffusers": folder / "diffusers", "original": folder / "svd_original_fp16.safetensors",
-             "svdlite": folder / "svd.svdlite.safetensors"}
+    from svdlite.unet import UNetConfig
+
+    config, paths = UNetConfig(), file_paths(folder)
     unet = build_diffusers_unet(config, 14, seed).half()
     unet.save_pretrained(paths["diffusers"] / "unet", safe_serialization=True, variant="fp16",
                          max_shard_size="100GB")
@@ -76,8 +93,11 @@ def write_files(folder: Path, config, seed: int, log) -> dict[str, Path]:
     del unet, state
     convert(open_model_source(paths["original"], "svd", require_all=False), paths["svdlite"],
             dtype=torch.float16, log=lambda msg: None)
-    log(f"wrote the loading benchmark's files to {folder}")
-    return paths
+
+
+def _child_env() -> dict:
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]),
+                                                         os.environ.get("PYTHONPATH", "")])}
 
 
 def _read_through(path: Path) -> None:
@@ -101,9 +121,7 @@ def run_child(side: str, path: Path, dtype: str, threads: int, model_bytes: int,
         log(f"  waiting: {_mem_available() / 2**30:.1f} GiB free, {need / 2**30:.1f} GiB needed")
         time.sleep(10)
     cmd = [sys.executable, __file__, "--child", side, str(path), dtype, "--threads", str(threads)]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]),
-                                                         os.environ.get("PYTHONPATH", "")])}
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    out = subprocess.run(cmd, capture_output=True, text=True, env=_child_env())
     if out.returncode:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{out.stderr[-2000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -158,9 +176,16 @@ def print_loading(result: dict) -> None:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--child", nargs=3, metavar=("SIDE", "PATH", "DTYPE"), required=True)
+    parser.add_argument("--child", nargs=3, metavar=("SIDE", "PATH", "DTYPE"))
+    parser.add_argument("--write-files", metavar="FOLDER")
+    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
+    if args.write_files:
+        _write_files(Path(args.write_files), args.seed)
+        return 0
+    if not args.child:
+        parser.error("--child SIDE PATH DTYPE or --write-files FOLDER")
     side, path, dtype = args.child
     print(json.dumps(child(side, path, dtype, args.threads)))
     return 0

@@ -467,7 +467,7 @@ def main(argv=None) -> int:
         import bench_loading
         with tempfile.TemporaryDirectory(prefix="svdlite-bench-load-", dir=args.workdir) as tmp:
             log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
-            paths = bench_loading.write_files(Path(tmp), UNetConfig(), args.seed, log)
+            paths = bench_loading.write_files(Path(tmp), args.seed, log)
             result["loading"] = bench_loading.measure_loading(
                 paths, QUICK["loading_dtypes"] if args.quick else ("fp32", "fp16"),
                 QUICK["loading_rounds"] if args.quick else args.loading_rounds, torch.get_num_threads(),
