@@ -288,6 +288,30 @@ def unet_plan(fmt: str, config: UNetConfig, expected) -> dict[str, Entry]:
             for k, srcs in unet_read_plan(fmt, config, expected).items()}
 
 
+def fold_temporal_blend(unet: VideoUNet) -> VideoUNet:
+    """Fold each VideoResBlock's blend into its temporal branch's last conv (exact up to float rounding).
+
+    Its temporal branch is `time_stack(x) = x + r`, r ending in the conv `out_layers.3`, so for video frames the
+    blend alpha x + (1 - alpha)(x + r) is x + (1 - alpha) r, alpha = sigmoid(mix_factor) one number per layer:
+    scaling that conv's weight and bias by (1 - alpha) (in >= float32, stored in the model's dtype) makes time_stack's
+    output the blend, and the block skips the blend (image-only frames still take x). Parameter names and shapes
+    are unchanged; only those two tensors' values change. Not applicable to the temporal transformer, whose
+    residual branches feed each other. Applied by `load_unet` / `load_model`, never by the converter."""
+    from .unet_blocks import VideoResBlock
+
+    with torch.no_grad():
+        for block in unet.modules():
+            if isinstance(block, VideoResBlock) and not block.blend_folded:
+                conv = block.time_stack.out_layers[3]
+                work = torch.promote_types(conv.weight.dtype, torch.float32)
+                scale = 1.0 - torch.sigmoid(block.time_mixer.mix_factor.to(work))
+                for name in ("weight", "bias"):
+                    t = getattr(conv, name)
+                    setattr(conv, name, nn.Parameter((t.to(work) * scale).to(t.dtype), requires_grad=False))
+                block.blend_folded = True
+    return unet
+
+
 def _stored_config(src: TensorSource, fmt: str) -> UNetConfig:
     """The network a file declares: svdlite metadata, a diffusers config.json beside the weights, else SVD's."""
     if fmt == SVDLITE_FORMAT and "unet_config" in src.metadata:
@@ -322,4 +346,5 @@ def load_unet(source, config: UNetConfig | None = None, *, device="cpu", dtype: 
              f"channel_mult={config.channel_mult}, context_dim={config.context_dim})")
     load_planned(model, src, plan, scope=unet_file_keys(fmt, src.keys()), ignored=ignored, dtype=dtype,
                  device=device, label=label)
+    fold_temporal_blend(model)
     return (model, src) if return_source else model

@@ -48,12 +48,19 @@ class VideoResBlock(ResBlock):
         self.time_stack = ResBlock(out_channels, emb_channels, out_channels, dims=3, kernel_size=video_kernel_size,
                                    exchange_temb_dims=True)
         self.time_mixer = AlphaBlender()
+        # True once `loading.fold_temporal_blend` has scaled time_stack's last conv by (1 - alpha) (set at load)
+        self.blend_folded = False
 
     def forward(self, x, emb, num_frames: int, image_only_indicator):
         x = super().forward(x, emb)
         x_spatial = rearrange(x, "(b t) c h w -> b c t h w", t=num_frames)
         x_temporal = self.time_stack(x_spatial, rearrange(emb, "(b t) c -> b t c", t=num_frames))
-        x = self.time_mixer(x_spatial, x_temporal, image_only_indicator, "b t -> b 1 t 1 1")
+        if not self.blend_folded:
+            x = self.time_mixer(x_spatial, x_temporal, image_only_indicator, "b t -> b 1 t 1 1")
+        elif image_only_indicator.any():  # image-only frames (alpha = 1) keep the spatial output
+            x = torch.where(rearrange(image_only_indicator.bool(), "b t -> b 1 t 1 1"), x_spatial, x_temporal)
+        else:  # time_stack = x + (1 - alpha) r with (1 - alpha) in its last conv: already the blend
+            x = x_temporal
         return rearrange(x, "b c t h w -> (b t) c h w")
 
 

@@ -63,7 +63,29 @@ def test_unet_state_is_read_once_per_tensor_and_equal_across_dtypes(tmp_path):
     assert len(src.reads) == len(set(src.reads))
     for key, value in full.state_dict().items():
         assert value.dtype == torch.float32
-        if "attn2_fold.weight" in key:  # the fold is computed in float32 and rounded once to fp16
+        if "attn2_fold.weight" in key or ".time_stack.out_layers.3." in key:
+            # the folds (cross-attention, VideoResBlock blend) are computed in float32 and rounded once to fp16
             assert torch.equal(half.state_dict()[key], value.half()), key
         else:  # plain tensors: the fp16 file's values, exactly
             assert torch.equal(half.state_dict()[key].float(), value), key
+
+
+def test_temporal_blend_fold_is_the_blend(tmp_path):
+    """VideoResBlock with (1 - alpha) folded into time_stack's last conv equals the explicit blend, for video frames
+    and for image-only frames (alpha = 1)."""
+    from svdlite.loading import fold_temporal_blend
+    from svdlite.unet_blocks import VideoResBlock
+
+    g = torch.Generator().manual_seed(4)
+    block = VideoResBlock(32, 64, 32).eval()
+    with torch.no_grad():
+        for p in block.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    x, emb = torch.randn(2 * 3, 32, 4, 4, generator=g), torch.randn(2 * 3, 64, generator=g)
+    indicators = (torch.zeros(2, 3), torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 1.0]]))
+    with torch.no_grad():
+        expected = [block(x, emb, 3, ind) for ind in indicators]
+        fold_temporal_blend(block)
+        assert block.blend_folded and set(dict(block.named_parameters())) == set(dict(VideoResBlock(32, 64, 32).named_parameters()))
+        for ind, ref in zip(indicators, expected):
+            torch.testing.assert_close(block(x, emb, 3, ind), ref, rtol=1e-6, atol=1e-6)
