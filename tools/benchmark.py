@@ -412,7 +412,7 @@ def parse_sizes(text: str) -> list[tuple[int, int]]:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--width", choices=sorted(WIDTHS), default="full", help="network width (default full: SVD's)")
+    parser.add_argument("--width", choices=sorted(WIDTHS), help="network width (default full: SVD's; --quick: tiny)")
     parser.add_argument("--frames", type=int, default=14)
     parser.add_argument("--height", type=int, default=64, help="pixels (latent = /8)")
     parser.add_argument("--width-px", type=int, default=64, help="pixels (latent = /8)")
@@ -428,10 +428,15 @@ def main(argv=None) -> int:
     parser.add_argument("--no-unfolded", action="store_true", help="leave out the unfolded ablation")
     parser.add_argument("--parts", default="unet",
                         help="comma-separated: unet (one guided evaluation at each size), loading (the full-size "
-                             "UNet in fresh processes, tools/bench_loading.py); default unet")
+                             "UNet in fresh processes, tools/bench_loading.py), generate (whole runs against "
+                             "StableVideoDiffusionPipeline in fresh processes, tools/bench_generate.py); default unet")
+    parser.add_argument("--generate-width", choices=("full", "tiny"), default="full",
+                        help="network width of the whole-run comparison (--quick: tiny)")
+    parser.add_argument("--generate-rounds", type=int, default=3)
     parser.add_argument("--loading-rounds", type=int, default=3)
     parser.add_argument("--quick", action="store_true",
-                        help="reduced run: 128x128 px only, 2 rounds, no ablation, loading to fp16 once if --loading")
+                        help="reduced run (< 3 min): tiny width unless --width, 128x128 px only, 2 rounds, no "
+                             "ablation; loading to fp16 once, generate at tiny width once, if in --parts")
     parser.add_argument("--workdir", help="where the temporary files go (default: the system temp dir)")
     parser.add_argument("--json", nargs="?", const="-", metavar="PATH",
                         help="write the result as JSON to PATH (alone: print it instead of the table)")
@@ -448,9 +453,10 @@ def main(argv=None) -> int:
     repeats, warmup, unfolded = args.repeats, args.warmup, not args.no_unfolded
     if args.quick:
         sizes, repeats, warmup, unfolded = QUICK["sizes"], QUICK["repeats"], QUICK["warmup"], False
+    args.width = args.width or ("tiny" if args.quick else "full")
     parts = set(args.parts.split(","))
-    if not parts or parts - {"unet", "loading"}:
-        parser.error(f"--parts takes unet and/or loading, got {args.parts!r}")
+    if not parts or parts - {"unet", "loading", "generate"}:
+        parser.error(f"--parts takes unet, loading and/or generate, got {args.parts!r}")
     result = {"threads": torch.get_num_threads(), "torch": torch.__version__, "load_average_start": _loadavg(),
               "sizes": [], "equality": {"passed": True}}
     if "unet" in parts:
@@ -473,6 +479,15 @@ def main(argv=None) -> int:
                 QUICK["loading_rounds"] if args.quick else args.loading_rounds, torch.get_num_threads(),
                 1_524_000_000, log)  # SVD's UNet in diffusers' layout: 1,524,502,442 parameters
         result["load_average_end"] = _loadavg()
+    if "generate" in parts:
+        sys.path.insert(0, str(Path(__file__).parent))
+        import bench_generate
+        with tempfile.TemporaryDirectory(prefix="svdlite-bench-gen-", dir=args.workdir) as tmp:
+            log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+            result["generate"] = bench_generate.measure_generate(
+                Path(tmp), "tiny" if args.quick else args.generate_width, 1 if args.quick else args.generate_rounds,
+                torch.get_num_threads(), args.seed, log)
+        result["load_average_end"] = _loadavg()
     if args.json and args.json != "-":
         Path(args.json).write_text(json.dumps(result, indent=1))
     if args.json == "-":
@@ -486,6 +501,12 @@ def main(argv=None) -> int:
         if "loading" in result:
             import bench_loading
             bench_loading.print_loading(result["loading"])
+        if "generate" in result:
+            import bench_generate
+            bench_generate.print_generate(result["generate"])
+    if "generate" in result and not result["generate"]["agree"]:
+        print("ERROR: svdlite's and diffusers' whole runs do not agree", file=sys.stderr)
+        return 1
     if not result["equality"]["passed"] or not all(row["equality"]["passed"] for row in result["sizes"]):
         print("ERROR: the variants do not compute the same function; the timings compare different programs",
               file=sys.stderr)
