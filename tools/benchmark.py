@@ -1,8 +1,20 @@
 #!/usr/bin/env python3
-"""Speed of svdlite's UNet against diffusers' on the SAME weights, and of VCUT (the fold) within svdlite.
+"""svdlite against diffusers on the SAME weights: UNet evaluation, loading, whole runs; and VCUT within svdlite.
 
-    python tools/benchmark.py [--width full|tiny] [--frames N] [--height H] [--width-px W] [--repeats R]
-                              [--warmup N] [--seed S] [--profile] [--json]
+    python tools/benchmark.py [--parts unet,loading,generate] [--width full|mid|tiny] [--sizes 128x128,256x256]
+                              [--frames N] [--repeats R] [--warmup N] [--seed S] [--threads N] [--no-unfolded]
+                              [--profile] [--quick] [--json [PATH]]
+
+Parts (`--parts`, default unet):
+  unet      below; at each `--sizes` (pixels; 128x128 and 256x256 are 16x16 and 32x32 latents), with the MACs of
+            the evaluation (tools/count_macs.py, full width) beside this machine's fp32 matmul rate measured in the
+            same run (best of five 2048^3 products): the achieved fraction of the compute roofline;
+  loading   the full-size UNet loaded to float32 and float16 in fresh processes, diffusers from its fp16 folder,
+            svdlite from that folder, an original-layout fp16 file and its converted file (tools/bench_loading.py);
+  generate  a whole `generate` against `StableVideoDiffusionPipeline`, same image and noise, 14 frames, 128x128,
+            3 steps, decoding included, each run a fresh process (tools/bench_generate.py).
+`--quick` is a reduced run (tiny width, one size, two rounds, generate at tiny width once) in under three minutes.
+`--json PATH` writes the result; `--json` alone prints it instead of the tables.
 
 One CFG-doubled UNet evaluation (batch 2*frames, as every guided sampling step runs it), three ways:
   diffusers   `UNetSpatioTemporalConditionModel.forward` (diffusers as installed, AttnProcessor2_0 / SDPA);
@@ -50,6 +62,8 @@ from svdlite.unet_keymap import unet_config_from_diffusers
 
 WIDTHS = {
     "full": UNetConfig(),
+    # SVD's first two levels at full width (its largest activations, 11% of its parameters): fits beside others
+    "mid": UNetConfig(channel_mult=(1, 2), attention_resolutions=(1,)),
     # tools/make_tiny_model.py's network: SVD's structure (4 levels, attention on 3) at width 32
     "tiny": UNetConfig(model_channels=32, channel_mult=(1, 1, 1, 1), num_head_channels=16, context_dim=64),
 }
