@@ -56,12 +56,11 @@ class VideoResBlock(ResBlock):
         x = super().forward(x, emb)
         x_spatial = rearrange(x, "(b t) c h w -> b c t h w", t=num_frames)
         x_temporal = self.time_stack(x_spatial, rearrange(emb, "(b t) c -> b t c", t=num_frames))
-        if not self.blend_folded:
-            x = self.time_mixer(x_spatial, x_temporal, image_only_indicator, "b t -> b 1 t 1 1")
-        elif image_only_indicator.any():  # image-only frames (alpha = 1) keep the spatial output
+        if self.blend_folded:  # time_stack = x + (1 - alpha) r, (1 - alpha) in its last conv: already the blend,
+            # except for image-only frames (alpha = 1), which keep x; one pass, no data-dependent branch (compile)
             x = torch.where(rearrange(image_only_indicator.bool(), "b t -> b 1 t 1 1"), x_spatial, x_temporal)
-        else:  # time_stack = x + (1 - alpha) r with (1 - alpha) in its last conv: already the blend
-            x = x_temporal
+        else:
+            x = self.time_mixer(x_spatial, x_temporal, image_only_indicator, "b t -> b 1 t 1 1")
         return rearrange(x, "b c t h w -> (b t) c h w")
 
 
