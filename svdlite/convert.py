@@ -3,7 +3,9 @@
 An svdlite file is one safetensors file: keys `<component>.<module key>` for the components present (`unet`,
 `vae_encoder`, `vae_decoder`, `image_encoder`), the cross-attention stored only as the folded `attn2_fold`
 projections, and metadata: format, format_version, components, preset, the configs, source sha256, svdlite
-version. Writing goes to a temporary file beside the target, which is reloaded and checked tensor by tensor
+version. Every tensor whose size is a multiple of 64 bytes starts at a 64-byte boundary of the file (the rest
+follow them), so loading in the stored dtype uses the memory map in place (loading.ALIGNMENT). Writing goes to a
+temporary file beside the target, which is reloaded and checked tensor by tensor
 before it is renamed into place; on any failure nothing is left behind and an existing file is untouched.
 """
 import dataclasses
@@ -14,12 +16,11 @@ import tempfile
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from . import __version__, clip_keymap, vae_keymap
 from .components import COMPONENTS, SVDLITE_PREFIXES, ModelSource, build_component, component_plan
-from .loading import SVDLITE_FORMAT, CheckpointError, TensorSource, load_planned
+from .loading import ALIGNMENT, SAFETENSORS_DTYPES, SVDLITE_FORMAT, CheckpointError, TensorSource, load_planned
 from .presets import PRESETS
 from .unet_keymap import NEVER_READ_SUFFIXES, ORIGINAL_PREFIX
 
@@ -82,6 +83,24 @@ def present_components(ms: ModelSource) -> list[str]:
     return found
 
 
+def save_aligned(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    """Write a safetensors file (u64 header length, JSON header, data) with its data 64-byte aligned: the header
+    padded with spaces (as the format allows) to a multiple of 64 bytes, tensors of 64-multiple size first."""
+    names = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+    order = sorted(tensors, key=lambda k: (tensors[k].nbytes % ALIGNMENT != 0, k))
+    header, offset = {"__metadata__": metadata}, 0
+    for key in order:
+        t = tensors[key]
+        header[key] = {"dtype": names[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
+        offset += t.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-(8 + len(raw)) % ALIGNMENT)
+    with open(path, "wb") as fh:
+        fh.write(len(raw).to_bytes(8, "little") + raw)
+        for key in order:
+            fh.write(memoryview(tensors[key].detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()))
+
+
 def write_svdlite(out: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str], *, force: bool = False) -> None:
     """Atomically write an svdlite file: temp file in the target folder, reload and compare, then rename."""
     out = Path(out)
@@ -92,7 +111,7 @@ def write_svdlite(out: Path, tensors: dict[str, torch.Tensor], metadata: dict[st
     os.close(fd)
     tmp = Path(tmp)
     try:
-        save_file(tensors, str(tmp), metadata={"format": SVDLITE_FORMAT, "format_version": FORMAT_VERSION, **metadata})
+        save_aligned(tensors, tmp, {"format": SVDLITE_FORMAT, "format_version": FORMAT_VERSION, **metadata})
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # temporary files are created 0600; give the result the usual permissions

@@ -4,9 +4,14 @@ Formats (DESIGN.md "Weights and formats"):
   original   one sgm single file (`svd*.safetensors`), UNet keys prefixed `model.diffusion_model.`;
   diffusers  a pipeline folder with `unet/`, a `unet/` folder, or its `diffusion_pytorch_model[.fp16].safetensors`;
   svdlite    a file written by tools/convert_weights.py (metadata `format=svdlite`, UNet keys prefixed `unet.`).
-Only the tensors a model needs are read (safetensors `safe_open`); every read is recorded in `TensorSource.reads`.
+Only the tensors a model needs are read; every read is recorded in `TensorSource.reads`. Each tensor is read once,
+straight into its final dtype and device: a tensor already in that dtype is the file's own memory map (no copy),
+any other is read through a small reused buffer into a new tensor of the final dtype, so the file's pages never
+count towards the process's memory and the model is never held twice (peak = the loaded model + one buffer).
 """
 import json
+import os
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -25,11 +30,24 @@ SVDLITE_UNET_PREFIX = "unet."
 DIFFUSERS_UNET_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors")
 
 
+# safetensors dtype names -> torch dtypes (the format's header, https://github.com/huggingface/safetensors)
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                      "BOOL": torch.bool}
+READ_BUFFER_BYTES = 32 << 20  # the reused buffer through which converted tensors are read
+# Tensors are used in place from the file's memory map only at this alignment (that of torch's own allocations):
+# CPU kernels round differently on differently aligned data, so one network loaded from files with different
+# layouts would otherwise give outputs that differ in the last bits.
+ALIGNMENT = 64
+
+
 class TensorSource:
     """Lazy access to the tensors of one or more safetensors files (several for a sharded diffusers folder)."""
 
     def __init__(self, files: list[Path]):
         self.files, self.key_file, self.metadata, self.reads, self._handles = files, {}, {}, [], {}
+        self._layout: dict[str, tuple[str, tuple[int, ...], int, int]] = {}  # key -> (dtype, shape, offset, end)
+        self._buffer: torch.Tensor | None = None
         for f in files:
             if not f.is_file():
                 raise CheckpointError(f"{f}: no such file")
@@ -38,7 +56,8 @@ class TensorSource:
                 h = self._handles[f] = safe_open(str(f), framework="pt")
                 self.metadata.update(h.metadata() or {})
                 self.key_file.update({k: f for k in h.keys()})
-            except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+                self._layout.update(_safetensors_layout(f))
+            except (SafetensorError, OSError, ValueError, RuntimeError, KeyError) as err:
                 raise CheckpointError(f"{f} is not a readable safetensors file ({err}); svdlite reads .safetensors "
                                       "checkpoints only (original single file, diffusers folder or converted)") from err
 
@@ -52,13 +71,62 @@ class TensorSource:
         """The stored dtype, as safetensors names it (F32, F16, BF16, I64, ...)."""
         return self._handles[self.key_file[key]].get_slice(key).get_dtype()
 
-    def get(self, key: str) -> torch.Tensor:
-        """Read one tensor (recorded in `reads`)."""
+    def get(self, key: str, dtype: torch.dtype | None = None, device="cpu") -> torch.Tensor:
+        """Read one tensor (recorded in `reads`) as `dtype` (default: the file's) on `device`.
+
+        In the file's dtype on the CPU and 64-byte aligned in the file it is the file's memory map (no copy);
+        otherwise it is read once, through a reused buffer of READ_BUFFER_BYTES, into a new tensor of `dtype` on
+        `device`."""
         self.reads.append(key)
+        file = self.key_file[key]
+        name, shape, start, end = self._layout[key]
+        stored = SAFETENSORS_DTYPES.get(name)
         try:
-            return self._handles[self.key_file[key]].get_tensor(key)
+            if stored is None:
+                return self._handles[file].get_tensor(key).to(device=device, dtype=dtype)
+            dtype = stored if dtype is None else dtype
+            if dtype == stored and torch.device(device).type == "cpu" and start % ALIGNMENT == 0:
+                mapped = self._handles[file].get_tensor(key)
+                if mapped.data_ptr() % ALIGNMENT == 0:
+                    return mapped
+            out = torch.empty(shape, dtype=dtype, device=device)
+            self._read_converted(file, stored, start, end, out.view(-1))
+            return out
         except (SafetensorError, OSError, RuntimeError) as err:
-            raise CheckpointError(f"{self.key_file[key]}: cannot read tensor {key!r} ({err}); truncated file?") from err
+            raise CheckpointError(f"{file}: cannot read tensor {key!r} ({err}); truncated file?") from err
+
+    def _read_converted(self, file: Path, stored: torch.dtype, start: int, end: int, out: torch.Tensor) -> None:
+        """Bytes [start, end) of `file` (elements of `stored`) into the flat tensor `out`, converting piecewise."""
+        if end - start != out.numel() * stored.itemsize:
+            raise CheckpointError(f"{file}: a tensor's byte range {start}..{end} does not match its shape")
+        if self._buffer is None:
+            self._buffer = torch.empty(READ_BUFFER_BYTES, dtype=torch.uint8)
+        step = READ_BUFFER_BYTES // stored.itemsize
+        with open(file, "rb", buffering=0) as fh:
+            for i in range(0, out.numel(), step):
+                n = min(step, out.numel() - i)
+                view = memoryview(self._buffer.numpy())[: n * stored.itemsize]
+                pos, offset = 0, start + i * stored.itemsize
+                while pos < len(view):
+                    got = os.preadv(fh.fileno(), [view[pos:]], offset + pos)
+                    if got <= 0:
+                        raise CheckpointError(f"{file}: file ends inside a tensor; truncated file?")
+                    pos += got
+                out[i:i + n].copy_(self._buffer[: n * stored.itemsize].view(stored))
+
+    def release_buffer(self) -> None:
+        """Free the read buffer (the next converted read allocates it again)."""
+        self._buffer = None
+
+
+def _safetensors_layout(path: Path) -> dict[str, tuple[str, tuple[int, ...], int, int]]:
+    """{key: (dtype name, shape, first byte, end byte)} from a safetensors header (u64 length + JSON)."""
+    with open(path, "rb") as fh:
+        (length,) = struct.unpack("<Q", fh.read(8))
+        header = json.loads(fh.read(length))
+    base = 8 + length
+    return {k: (v["dtype"], tuple(v["shape"]), base + v["data_offsets"][0], base + v["data_offsets"][1])
+            for k, v in header.items() if k != "__metadata__"}
 
 
 def diffusers_unet_files(folder: Path) -> list[Path] | None:
@@ -147,8 +215,16 @@ def _fmt_keys(keys, limit: int = 8) -> str:
 
 
 def fold_matmul(w_out: torch.Tensor, w_v: torch.Tensor) -> torch.Tensor:
-    """attn2's W_out (C, C') @ W_v (C', D), in float64 so the fold adds one rounding only."""
-    return w_out.double() @ w_v.double()
+    """attn2's W_out (C, C') @ W_v (C', D), in the dtype given (the loader passes float32, or float64 for a
+    float64 model): float32 differs from the float64 product by ~1e-6 relative (tests/test_loading.py)."""
+    return w_out @ w_v
+
+
+def fold_shape(out_shape: tuple[int, ...], v_shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The shape of `fold_matmul`'s product; a RuntimeError (reported as a wrong shape) if it is undefined."""
+    if len(out_shape) != 2 or len(v_shape) != 2 or out_shape[1] != v_shape[0]:
+        raise RuntimeError(f"cannot multiply {out_shape} by {v_shape}")
+    return out_shape[0], v_shape[1]
 
 
 @dataclass(frozen=True)
@@ -157,6 +233,7 @@ class Entry:
 
     sources: tuple[str, ...]
     combine: Callable | None = None
+    shape: Callable | None = None  # the combined shape from the sources' shapes (default: combine on meta tensors)
 
 
 def load_planned(model: nn.Module, src: TensorSource, plan: dict[str, Entry], *, scope: set[str],
@@ -179,8 +256,12 @@ def load_planned(model: nn.Module, src: TensorSource, plan: dict[str, Entry], *,
     for key, entry in plan.items():
         shapes = [src.shape(s) for s in entry.sources]
         try:
-            shape = tuple(entry.combine(*(torch.empty(s, device="meta") for s in shapes)).shape) if entry.combine \
-                else shapes[0]
+            if entry.combine is None:
+                shape = shapes[0]
+            elif entry.shape is not None:
+                shape = tuple(entry.shape(*shapes))
+            else:
+                shape = tuple(entry.combine(*(torch.empty(s, device="meta") for s in shapes)).shape)
         except RuntimeError:
             shape = tuple(shapes)
         if shape != expected[key]:
@@ -193,10 +274,13 @@ def load_planned(model: nn.Module, src: TensorSource, plan: dict[str, Entry], *,
     if not_float:
         raise CheckpointError(f"{len(not_float)} tensors of {label} are not floating point, expected F32, F16 or "
                               f"BF16: {_fmt_keys(not_float)}")
-    state = {}
+    state, work = {}, torch.promote_types(dtype, torch.float32)  # combined tensors: computed in >= float32
     for key, entry in plan.items():
-        tensors = [src.get(s) for s in entry.sources]
-        state[key] = (entry.combine(*tensors) if entry.combine else tensors[0]).to(device=device, dtype=dtype)
+        if entry.combine is None:
+            state[key] = src.get(entry.sources[0], dtype, device)
+        else:
+            state[key] = entry.combine(*(src.get(s, work, device) for s in entry.sources)).to(dtype)
+    src.release_buffer()
     model.load_state_dict(state, strict=True, assign=True)
     left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if left:
@@ -205,8 +289,34 @@ def load_planned(model: nn.Module, src: TensorSource, plan: dict[str, Entry], *,
 
 
 def unet_plan(fmt: str, config: UNetConfig, expected) -> dict[str, Entry]:
-    return {k: Entry(srcs, fold_matmul if len(srcs) == 2 else None)
+    fold = Entry((), fold_matmul, fold_shape)
+    return {k: Entry(srcs, fold.combine, fold.shape) if len(srcs) == 2 else Entry(srcs)
             for k, srcs in unet_read_plan(fmt, config, expected).items()}
+
+
+def fold_temporal_blend(unet: VideoUNet) -> VideoUNet:
+    """Fold each VideoResBlock's blend into its temporal branch's last conv (exact up to float rounding).
+
+    Its temporal branch is `time_stack(x) = x + r`, r ending in the conv `out_layers.3`, so for video frames the
+    blend alpha x + (1 - alpha)(x + r) is x + (1 - alpha) r, alpha = sigmoid(mix_factor) one number per layer:
+    scaling that conv's weight and bias by (1 - alpha) (in >= float32, stored in the model's dtype) makes time_stack's
+    output the blend, and the block skips the blend (image-only frames still take x). Parameter names and shapes
+    are unchanged; only those two tensors' values change. Not applicable to the temporal transformer, whose
+    residual branches feed each other. Applied by `load_unet` / `load_model`, never by the converter."""
+    from .unet_blocks import VideoResBlock
+
+    with torch.no_grad():
+        for block in unet.modules():
+            if isinstance(block, VideoResBlock) and not block.blend_folded:
+                conv = block.time_stack.out_layers[3]
+                work = torch.promote_types(conv.weight.dtype, torch.float32)
+                # shape (1,): not a wrapped scalar, so an fp16 weight is multiplied in `work` and rounded once;
+                # in place, as fresh temporaries of these 66M values cost more than the multiply on this VM
+                scale = 1.0 - torch.sigmoid(block.time_mixer.mix_factor.detach().to(work).reshape(1))
+                conv.weight.mul_(scale)
+                conv.bias.mul_(scale)
+                block.blend_folded = True
+    return unet
 
 
 def _stored_config(src: TensorSource, fmt: str) -> UNetConfig:
@@ -243,4 +353,5 @@ def load_unet(source, config: UNetConfig | None = None, *, device="cpu", dtype: 
              f"channel_mult={config.channel_mult}, context_dim={config.context_dim})")
     load_planned(model, src, plan, scope=unet_file_keys(fmt, src.keys()), ignored=ignored, dtype=dtype,
                  device=device, label=label)
+    fold_temporal_blend(model)
     return (model, src) if return_source else model

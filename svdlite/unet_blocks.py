@@ -36,7 +36,8 @@ class AlphaBlender(nn.Module):
 
     def forward(self, x_spatial, x_temporal, image_only_indicator, pattern: str):
         alpha = rearrange(mix_factor_alpha(self.mix_factor, image_only_indicator), pattern).to(x_spatial.dtype)
-        return alpha * x_spatial + (1.0 - alpha) * x_temporal
+        # one fused pass (x_t + alpha (x_s - x_t)) instead of three; equal to float rounding
+        return torch.lerp(x_temporal, x_spatial, alpha)
 
 
 class VideoResBlock(ResBlock):
@@ -48,12 +49,18 @@ class VideoResBlock(ResBlock):
         self.time_stack = ResBlock(out_channels, emb_channels, out_channels, dims=3, kernel_size=video_kernel_size,
                                    exchange_temb_dims=True)
         self.time_mixer = AlphaBlender()
+        # True once `loading.fold_temporal_blend` has scaled time_stack's last conv by (1 - alpha) (set at load)
+        self.blend_folded = False
 
     def forward(self, x, emb, num_frames: int, image_only_indicator):
         x = super().forward(x, emb)
         x_spatial = rearrange(x, "(b t) c h w -> b c t h w", t=num_frames)
         x_temporal = self.time_stack(x_spatial, rearrange(emb, "(b t) c -> b t c", t=num_frames))
-        x = self.time_mixer(x_spatial, x_temporal, image_only_indicator, "b t -> b 1 t 1 1")
+        if self.blend_folded:  # time_stack = x + (1 - alpha) r, (1 - alpha) in its last conv: already the blend,
+            # except for image-only frames (alpha = 1), which keep x; one pass, no data-dependent branch (compile)
+            x = torch.where(rearrange(image_only_indicator.bool(), "b t -> b 1 t 1 1"), x_spatial, x_temporal)
+        else:
+            x = self.time_mixer(x_spatial, x_temporal, image_only_indicator, "b t -> b 1 t 1 1")
         return rearrange(x, "b c t h w -> (b t) c h w")
 
 

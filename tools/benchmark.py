@@ -1,8 +1,20 @@
 #!/usr/bin/env python3
-"""Speed of svdlite's UNet against diffusers' on the SAME weights, and of VCUT (the fold) within svdlite.
+"""svdlite against diffusers on the SAME weights: UNet evaluation, loading, whole runs; and VCUT within svdlite.
 
-    python tools/benchmark.py [--width full|tiny] [--frames N] [--height H] [--width-px W] [--repeats R]
-                              [--warmup N] [--seed S] [--profile] [--json]
+    python tools/benchmark.py [--parts unet,loading,generate] [--width full|mid|tiny] [--sizes 128x128,256x256]
+                              [--frames N] [--repeats R] [--warmup N] [--seed S] [--threads N] [--no-unfolded]
+                              [--profile] [--quick] [--json [PATH]]
+
+Parts (`--parts`, default unet):
+  unet      below; at each `--sizes` (pixels; 128x128 and 256x256 are 16x16 and 32x32 latents), with the MACs of
+            the evaluation (tools/count_macs.py, full width) beside this machine's fp32 matmul rate measured in the
+            same run (best of five 2048^3 products): the achieved fraction of the compute roofline;
+  loading   the full-size UNet loaded to float32 and float16 in fresh processes, diffusers from its fp16 folder,
+            svdlite from that folder, an original-layout fp16 file and its converted file (tools/bench_loading.py);
+  generate  a whole `generate` against `StableVideoDiffusionPipeline`, same image and noise, 14 frames, 128x128,
+            3 steps, decoding included, each run a fresh process (tools/bench_generate.py).
+`--quick` is a reduced run (tiny width, one size, two rounds, generate at tiny width once) in under three minutes.
+`--json PATH` writes the result; `--json` alone prints it instead of the tables.
 
 One CFG-doubled UNet evaluation (batch 2*frames, as every guided sampling step runs it), three ways:
   diffusers   `UNetSpatioTemporalConditionModel.forward` (diffusers as installed, AttnProcessor2_0 / SDPA);
@@ -50,6 +62,8 @@ from svdlite.unet_keymap import unet_config_from_diffusers
 
 WIDTHS = {
     "full": UNetConfig(),
+    # SVD's first two levels at full width (its largest activations, 11% of its parameters): fits beside others
+    "mid": UNetConfig(channel_mult=(1, 2), attention_resolutions=(1,)),
     # tools/make_tiny_model.py's network: SVD's structure (4 levels, attention on 3) at width 32
     "tiny": UNetConfig(model_channels=32, channel_mult=(1, 1, 1, 1), num_head_channels=16, context_dim=64),
 }
@@ -219,22 +233,51 @@ def profile_calls(runner: Runner, names, rows: int = 12) -> dict[str, str]:
     return tables
 
 
+def matmul_rate(threads: int, n: int = 2048, repeats: int = 5) -> float:
+    """This machine's fp32 matmul rate (MAC/s, best of `repeats` n x n x n products): the compute roofline."""
+    torch.set_num_threads(threads)
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(n, n, generator=g), torch.randn(n, n, generator=g)
+    a @ b
+    best = math.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return n ** 3 / best
+
+
+def unet_macs(frames: int, height: int, width: int) -> int | None:
+    """MACs of one guided evaluation of SVD's UNet (tools/count_macs.py), or None where it cannot count."""
+    try:
+        sys.path.insert(0, str(Path(__file__).parent))
+        from count_macs import unet_eval_macs
+        return unet_eval_macs("vcut", 2 * frames, frames, height, width)[0]
+    except Exception:  # noqa: BLE001 - the MAC count is an annotation; the timings stand without it
+        return None
+
+
 def benchmark(config: UNetConfig, frames: int = 14, height: int = 64, width: int = 64, repeats: int = 5,
               warmup: int = 1, seed: int = 0, profile: bool = False, log=None, workdir=None,
-              phased: bool | None = None) -> dict:
-    """Build, check and time the three variants; returns the result dict (`--json` prints it).
+              phased: bool | None = None, sizes: list[tuple[int, int]] | None = None, unfolded: bool = True) -> dict:
+    """Build, check and time the variants at each size (pixels; default [(height, width)]); returns the result.
 
     phased: None decides from the free memory; True / False force the phased / all-three run.
-    Raises nothing on a failed equality check: `result["equality"]["passed"]` says it (timings still run)."""
+    unfolded=False leaves the ablation out. The top-level `equality`, `seconds_per_call`, `ratios` are the first
+    size's; `sizes` holds every size's. Raises nothing on a failed equality check: `result["equality"]["passed"]`
+    (and each size's) says it (timings still run)."""
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
-    inputs = make_inputs(config, frames, height, width, seed)
+    sizes = sizes or [(height, width)]
+    inputs = {hw: make_inputs(config, frames, hw[0], hw[1], seed) for hw in sizes}
+    variants = list(VARIANTS) if unfolded else ["diffusers", "svdlite"]
     result = {"config": config.to_dict(), "params_diffusers": None, "frames": frames, "batch": 2 * frames,
-              "height": height, "width": width, "latent": [height // 8, width // 8], "repeats": repeats,
-              "warmup": warmup, "seed": seed, "threads": torch.get_num_threads(), "torch": torch.__version__,
-              "load_average_start": _loadavg()}
+              "height": sizes[0][0], "width": sizes[0][1], "latent": [sizes[0][0] // 8, sizes[0][1] // 8],
+              "repeats": repeats, "warmup": warmup, "seed": seed, "threads": torch.get_num_threads(),
+              "torch": torch.__version__, "load_average_start": _loadavg(), "variants": variants}
     import diffusers
     result["diffusers_version"] = diffusers.__version__
-    runner = Runner(inputs)
+    runners = {hw: Runner(inputs[hw]) for hw in sizes}
+    outputs = {hw: {} for hw in sizes}
     with tempfile.TemporaryDirectory(prefix="svdlite-bench-", dir=workdir) as tmp:
         start = time.perf_counter()
         unet = build_diffusers_unet(config, frames, seed)
@@ -243,105 +286,152 @@ def benchmark(config: UNetConfig, frames: int = 14, height: int = 64, width: int
         log(f"built diffusers UNet ({n_params:,} params, random weights seed {seed}) in "
             f"{time.perf_counter() - start:.1f}s; saving to {tmp}")
         unet.save_pretrained(tmp, safe_serialization=True, max_shard_size="100GB")
-        runner.add("diffusers", unet)
-        del unet
         start = time.perf_counter()
-        runner.add("svdlite", load_unet(tmp))
+        svd = load_unet(tmp)
         log(f"loaded svdlite (folded) from the diffusers folder in {time.perf_counter() - start:.1f}s")
-        if runner.models["svdlite"].config != config:
-            raise AssertionError(f"svdlite read {runner.models['svdlite'].config} from config.json, expected {config}")
-        outputs = {"svdlite": runner.run("svdlite"), "diffusers": runner.run("diffusers"),
-                   "diffusers_sgm_eps": diffusers_with_sgm_eps(runner)}
+        if svd.config != config:
+            raise AssertionError(f"svdlite read {svd.config} from config.json, expected {config}")
+        for hw, runner in runners.items():
+            runner.add("diffusers", unet)
+            runner.add("svdlite", svd)
+            outputs[hw] = {"svdlite": runner.run("svdlite"), "diffusers": runner.run("diffusers"),
+                           "diffusers_sgm_eps": diffusers_with_sgm_eps(runner)}
+        del unet, svd
         need = n_params * 4 * 1.15 + 2 * GIB  # the unfolded copy plus its load-time temporaries, and headroom
         if phased is None:
-            phased = mem_available() < need
-        phases = []
+            phased = unfolded and mem_available() < need
+        phases = {hw: [] for hw in sizes}
+        if phased or not unfolded:
+            if phased:
+                log(f"free memory {mem_available() / GIB:.1f} GiB, {need / GIB:.1f} GiB needed for a third copy: "
+                    "phased run; phase 1: diffusers vs svdlite")
+            for hw, runner in runners.items():
+                log(f"{hw[0]}x{hw[1]} px:")
+                phases[hw].append(time_interleaved(runner, ["diffusers", "svdlite"], repeats, warmup, log))
+                if profile:
+                    result.setdefault("profiles", {})[f"{hw[0]}x{hw[1]}"] = profile_calls(runner, ["diffusers", "svdlite"])
+            for runner in runners.values():
+                runner.drop("diffusers")
+        if unfolded:
+            start = time.perf_counter()
+            model = load_unet(tmp, fold_cross_attention=False)
+            log(f"loaded svdlite unfolded in {time.perf_counter() - start:.1f}s")
+            for hw, runner in runners.items():
+                runner.add("unfolded", model)
+                outputs[hw]["unfolded"] = runner.run("unfolded")
+            del model
+    result["memory_mode"] = "phased" if phased else ("all three loaded" if unfolded else "diffusers and svdlite")
+    rate = matmul_rate(torch.get_num_threads())
+    result["matmul_mac_per_s"] = rate
+    result["sizes"] = []
+    for hw, runner in runners.items():
+        ref = outputs[hw]["svdlite"]
+        diffs = {name: rel_diff(outputs[hw][name], ref) for name in TOLERANCE if name in outputs[hw]}
+        eq = {"max_rel_diff_vs_svdlite": diffs, "tolerance": TOLERANCE, "output_max_abs": ref.abs().max().item(),
+              "output_shape": list(ref.shape),
+              "passed": all(diffs[k] <= TOLERANCE[k] and math.isfinite(diffs[k]) for k in diffs)}
+        log(f"{hw[0]}x{hw[1]} equality (max rel diff vs svdlite folded): "
+            + ", ".join(f"{k} {v:.2e}" for k, v in diffs.items()))
         if phased:
-            log(f"free memory {mem_available() / GIB:.1f} GiB, {need / GIB:.1f} GiB needed for a third copy: phased run")
-            log("phase 1: diffusers vs svdlite")
-            phases.append(time_interleaved(runner, ["diffusers", "svdlite"], repeats, warmup, log))
+            log(f"phase 2 at {hw[0]}x{hw[1]}: svdlite vs unfolded")
+            phases[hw].append(time_interleaved(runner, ["svdlite", "unfolded"], repeats, warmup, log))
             if profile:
-                result["profile"] = profile_calls(runner, ["diffusers", "svdlite"])
-            runner.drop("diffusers")
-        start = time.perf_counter()
-        runner.add("unfolded", load_unet(tmp, fold_cross_attention=False))
-        log(f"loaded svdlite unfolded in {time.perf_counter() - start:.1f}s")
-    outputs["unfolded"] = runner.run("unfolded")
-    ref = outputs["svdlite"]
-    diffs = {name: rel_diff(outputs[name], ref) for name in ("unfolded", "diffusers_sgm_eps", "diffusers")}
-    result["equality"] = {"max_rel_diff_vs_svdlite": diffs, "tolerance": TOLERANCE,
-                          "output_max_abs": ref.abs().max().item(), "output_shape": list(ref.shape),
-                          "passed": all(diffs[k] <= TOLERANCE[k] and math.isfinite(diffs[k]) for k in diffs)}
-    log("equality (max rel diff vs svdlite folded): " + ", ".join(f"{k} {v:.2e}" for k, v in diffs.items()))
-    if phased:
-        log("phase 2: svdlite vs unfolded")
-        phases.append(time_interleaved(runner, ["svdlite", "unfolded"], repeats, warmup, log))
-        if profile:
-            result["profile"]["unfolded"] = profile_calls(runner, ["unfolded"])["unfolded"]
-    else:
-        log(f"timing all three interleaved: {warmup} warm-up + {repeats} rounds")
-        phases.append(time_interleaved(runner, list(VARIANTS), repeats, warmup, log))
-        if profile:
-            result["profile"] = profile_calls(runner, list(VARIANTS))
-    result["memory_mode"] = "phased" if phased else "all three loaded"
+                result["profiles"][f"{hw[0]}x{hw[1]}"]["unfolded"] = profile_calls(runner, ["unfolded"])["unfolded"]
+        elif unfolded:
+            log(f"{hw[0]}x{hw[1]}: timing all three interleaved: {warmup} warm-up + {repeats} rounds")
+            phases[hw].append(time_interleaved(runner, variants, repeats, warmup, log))
+            if profile:
+                result.setdefault("profiles", {})[f"{hw[0]}x{hw[1]}"] = profile_calls(runner, variants)
+        times = {n: [s for ph in phases[hw] for s in ph.get(n, [])] for n in variants}
+        ratios = {"diffusers/svdlite": []}
+        if unfolded:
+            ratios["unfolded/svdlite"] = []
+        for ph in phases[hw]:
+            for num, key in (("diffusers", "diffusers/svdlite"), ("unfolded", "unfolded/svdlite")):
+                if num in ph:
+                    ratios[key] += [a / b for a, b in zip(ph[num], ph["svdlite"])]
+        macs = unet_macs(frames, *hw) if config == UNetConfig() else None
+        row = {"height": hw[0], "width": hw[1], "latent": [hw[0] // 8, hw[1] // 8], "equality": eq,
+               "seconds_per_call": {n: _stats(v) for n, v in times.items()},
+               "ratios": {k: _stats(v) for k, v in ratios.items()},
+               "svdlite/diffusers": _stats([b / a for a, b in zip(*(
+                   [s for ph in phases[hw] for s in ph.get(n, [])] for n in ("diffusers", "svdlite")))]),
+               "macs": macs}
+        if macs:
+            svd_rate = macs / row["seconds_per_call"]["svdlite"]["median"]
+            row.update(svdlite_mac_per_s=svd_rate, svdlite_fraction_of_matmul=svd_rate / rate,
+                       diffusers_mac_per_s=macs / row["seconds_per_call"]["diffusers"]["median"])
+        result["sizes"].append(row)
+    first = result["sizes"][0]
+    result.update(equality=first["equality"], seconds_per_call=first["seconds_per_call"], ratios=first["ratios"])
+    if profile:
+        result["profile"] = result["profiles"][f"{sizes[0][0]}x{sizes[0][1]}"]
     result["load_average_end"] = _loadavg()
-    times = {n: [s for ph in phases for s in ph.get(n, [])] for n in VARIANTS}
-    result["seconds_per_call"] = {n: _stats(v) for n, v in times.items()}
-    ratios = {"diffusers/svdlite": [], "unfolded/svdlite": []}
-    for ph in phases:
-        for num, key in (("diffusers", "diffusers/svdlite"), ("unfolded", "unfolded/svdlite")):
-            if num in ph:
-                ratios[key] += [a / b for a, b in zip(ph[num], ph["svdlite"])]
-    result["ratios"] = {k: _stats(v) for k, v in ratios.items()}
     return result
 
 
 def print_table(r: dict, command: str) -> None:
     cfg = r["config"]
     print(f"command: {command}")
-    print(f"UNet, one CFG-doubled evaluation: batch {r['batch']} (2 x {r['frames']} frames), {r['height']}x{r['width']} px "
-          f"(latent {r['latent'][0]}x{r['latent'][1]}), fp32 CPU, {r['threads']} threads")
+    print(f"UNet, one CFG-doubled evaluation: batch {r['batch']} (2 x {r['frames']} frames), fp32 CPU, "
+          f"{r['threads']} threads")
     print(f"network: model_channels {cfg['model_channels']}, channel_mult {tuple(cfg['channel_mult'])} "
-          f"({r['params_diffusers']:,} params in diffusers' layout); same random weights (seed {r['seed']}) in all three")
+          f"({r['params_diffusers']:,} params in diffusers' layout); same random weights (seed {r['seed']}) on every side")
     print(f"torch {r['torch']}, diffusers {r['diffusers_version']}; {r['warmup']} warm-up call(s), {r['repeats']} "
           f"interleaved rounds; memory: {r['memory_mode']}")
     print(f"load average (1/5/15 min) at start {r['load_average_start']}, at end {r['load_average_end']} "
-          f"(> {r['threads']} means other processes competed for the cores)\n")
-    eq = r["equality"]
-    print(f"output check (max |a - svdlite| / max |svdlite|, |svdlite| max {eq['output_max_abs']:.3g}): "
-          f"{'PASSED' if eq['passed'] else 'FAILED'}")
+          f"(> {r['threads']} means other processes competed for the cores)")
+    print(f"fp32 matmul rate measured in this run (2048^3, best of 5): {r['matmul_mac_per_s'] / 1e9:.1f} GMAC/s")
     labels = {"unfolded": "svdlite unfolded (fold_cross_attention=False)",
               "diffusers_sgm_eps": "diffusers with the original GroupNorm eps 1e-5",
               "diffusers": "diffusers as shipped (eps 1e-6 in some ResBlocks)"}
-    for k, v in eq["max_rel_diff_vs_svdlite"].items():
-        print(f"  {labels[k]:<50}{v:>10.2e}   (tolerance {eq['tolerance'][k]:.0e})")
-    print()
-    header = f"{'variant':<44}{'median s/call':>14}{'min':>9}{'max':>9}{'n':>4}"
-    print(header)
-    print("-" * len(header))
     names = {"diffusers": "diffusers UNetSpatioTemporalConditionModel", "svdlite": "svdlite VideoUNet (VCUT fold)",
              "unfolded": "svdlite unfolded (ablation)"}
-    for n in VARIANTS:
-        s = r["seconds_per_call"][n]
-        print(f"{names[n]:<44}{s['median']:>14.3f}{s['min']:>9.3f}{s['max']:>9.3f}{s['n']:>4}")
-    print()
-    header = f"{'ratio (per round, same round)':<44}{'median':>14}{'min':>9}{'max':>9}"
-    print(header)
-    print("-" * len(header))
-    for k, s in r["ratios"].items():
-        meaning = " (>1: svdlite faster)" if k.startswith("diffusers") else " (>1: fold faster)"
-        print(f"{k + meaning:<44}{s['median']:>14.3f}{s['min']:>9.3f}{s['max']:>9.3f}")
+    for row in r["sizes"]:
+        eq = row["equality"]
+        print(f"\n{row['height']}x{row['width']} px (latent {row['latent'][0]}x{row['latent'][1]}); output check "
+              f"(max |a - svdlite| / max |svdlite|, |svdlite| max {eq['output_max_abs']:.3g}): "
+              f"{'PASSED' if eq['passed'] else 'FAILED'}")
+        for k, v in eq["max_rel_diff_vs_svdlite"].items():
+            print(f"  {labels[k]:<50}{v:>10.2e}   (tolerance {eq['tolerance'][k]:.0e})")
+        header = f"{'variant':<44}{'median s/call':>14}{'min':>9}{'max':>9}{'n':>4}{'GMAC/s':>9}"
+        print(header)
+        print("-" * len(header))
+        for n, st in row["seconds_per_call"].items():
+            rate = f"{row['macs'] / st['median'] / 1e9:>9.1f}" if row["macs"] and n != "unfolded" else ""
+            print(f"{names[n]:<44}{st['median']:>14.3f}{st['min']:>9.3f}{st['max']:>9.3f}{st['n']:>4}{rate}")
+        st = row["svdlite/diffusers"]
+        print(f"{'svdlite/diffusers time (per round, median)':<44}{st['median']:>14.3f}{st['min']:>9.3f}{st['max']:>9.3f}")
+        if "unfolded/svdlite" in row["ratios"]:
+            st = row["ratios"]["unfolded/svdlite"]
+            print(f"{'unfolded/svdlite time (>1: fold faster)':<44}{st['median']:>14.3f}{st['min']:>9.3f}{st['max']:>9.3f}")
+        if row["macs"]:
+            print(f"MACs per evaluation (tools/count_macs.py): {row['macs'] / 1e9:.1f} G; svdlite at "
+                  f"{row['svdlite_fraction_of_matmul']:.0%} of the matmul rate")
     if "profile" in r:
         for n, table in r["profile"].items():
             print(f"\ntorch.profiler, one call of {n} (top ops by self CPU time):\n{table}")
 
 
+QUICK = {"sizes": [(128, 128)], "repeats": 2, "warmup": 1, "loading_rounds": 1, "loading_dtypes": ("fp16",)}
+
+
+def parse_sizes(text: str) -> list[tuple[int, int]]:
+    """'128x128,256x256' -> [(128, 128), (256, 256)] (pixels)."""
+    try:
+        return [tuple(int(v) for v in part.split("x")) for part in text.split(",")]
+    except ValueError as err:
+        raise ValueError(f"--sizes takes HxW pixel sizes separated by commas, got {text!r}") from err
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--width", choices=sorted(WIDTHS), default="full", help="network width (default full: SVD's)")
+    parser.add_argument("--width", choices=sorted(WIDTHS), help="network width (default full: SVD's; --quick: tiny)")
     parser.add_argument("--frames", type=int, default=14)
     parser.add_argument("--height", type=int, default=64, help="pixels (latent = /8)")
     parser.add_argument("--width-px", type=int, default=64, help="pixels (latent = /8)")
+    parser.add_argument("--sizes", help="several pixel sizes, e.g. 128x128,256x256 (latents 16x16 and 32x32); "
+                                        "overrides --height/--width-px")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
@@ -349,8 +439,21 @@ def main(argv=None) -> int:
     parser.add_argument("--profile", action="store_true", help="add torch.profiler top-op tables")
     parser.add_argument("--phased", action="store_true",
                         help="never hold three models at once (automatic when memory is short)")
-    parser.add_argument("--workdir", help="where the temporary diffusers folder goes (default: the system temp dir)")
-    parser.add_argument("--json", action="store_true", help="print the result as one JSON dict")
+    parser.add_argument("--no-unfolded", action="store_true", help="leave out the unfolded ablation")
+    parser.add_argument("--parts", default="unet",
+                        help="comma-separated: unet (one guided evaluation at each size), loading (the full-size "
+                             "UNet in fresh processes, tools/bench_loading.py), generate (whole runs against "
+                             "StableVideoDiffusionPipeline in fresh processes, tools/bench_generate.py); default unet")
+    parser.add_argument("--generate-width", choices=("full", "tiny"), default="full",
+                        help="network width of the whole-run comparison (--quick: tiny)")
+    parser.add_argument("--generate-rounds", type=int, default=3)
+    parser.add_argument("--loading-rounds", type=int, default=3)
+    parser.add_argument("--quick", action="store_true",
+                        help="reduced run (< 3 min): tiny width unless --width, 128x128 px only, 2 rounds, no "
+                             "ablation; loading to fp16 once, generate at tiny width once, if in --parts")
+    parser.add_argument("--workdir", help="where the temporary files go (default: the system temp dir)")
+    parser.add_argument("--json", nargs="?", const="-", metavar="PATH",
+                        help="write the result as JSON to PATH (alone: print it instead of the table)")
     args = parser.parse_args(argv)
     if args.repeats < 1 or args.warmup < 0:
         parser.error("--repeats must be >= 1 and --warmup >= 0")
@@ -358,18 +461,68 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     command = shlex.join([sys.executable, "tools/benchmark.py", *(sys.argv[1:] if argv is None else argv)])
     try:
-        result = benchmark(WIDTHS[args.width], args.frames, args.height, args.width_px, args.repeats, args.warmup,
-                           args.seed, args.profile, workdir=args.workdir, phased=True if args.phased else None)
+        sizes = parse_sizes(args.sizes) if args.sizes else [(args.height, args.width_px)]
     except ValueError as e:
         parser.error(str(e))
+    repeats, warmup, unfolded = args.repeats, args.warmup, not args.no_unfolded
+    if args.quick:
+        sizes, repeats, warmup, unfolded = QUICK["sizes"], QUICK["repeats"], QUICK["warmup"], False
+    args.width = args.width or ("tiny" if args.quick else "full")
+    parts = set(args.parts.split(","))
+    if not parts or parts - {"unet", "loading", "generate"}:
+        parser.error(f"--parts takes unet, loading and/or generate, got {args.parts!r}")
+    result = {"threads": torch.get_num_threads(), "torch": torch.__version__, "load_average_start": _loadavg(),
+              "sizes": [], "equality": {"passed": True}}
+    if "unet" in parts:
+        try:
+            result = benchmark(WIDTHS[args.width], args.frames, sizes[0][0], sizes[0][1], repeats, warmup,
+                               args.seed, args.profile, workdir=args.workdir, phased=True if args.phased else None,
+                               sizes=sizes, unfolded=unfolded)
+        except ValueError as e:
+            parser.error(str(e))
     result["command"] = command
     result["network"] = args.width
-    if args.json:
+    if "loading" in parts:
+        sys.path.insert(0, str(Path(__file__).parent))
+        import bench_loading
+        with tempfile.TemporaryDirectory(prefix="svdlite-bench-load-", dir=args.workdir) as tmp:
+            log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+            paths = bench_loading.write_files(Path(tmp), args.seed, log)
+            result["loading"] = bench_loading.measure_loading(
+                paths, QUICK["loading_dtypes"] if args.quick else ("fp32", "fp16"),
+                QUICK["loading_rounds"] if args.quick else args.loading_rounds, torch.get_num_threads(),
+                1_524_000_000, log)  # SVD's UNet in diffusers' layout: 1,524,502,442 parameters
+        result["load_average_end"] = _loadavg()
+    if "generate" in parts:
+        sys.path.insert(0, str(Path(__file__).parent))
+        import bench_generate
+        with tempfile.TemporaryDirectory(prefix="svdlite-bench-gen-", dir=args.workdir) as tmp:
+            log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+            result["generate"] = bench_generate.measure_generate(
+                Path(tmp), "tiny" if args.quick else args.generate_width, 1 if args.quick else args.generate_rounds,
+                torch.get_num_threads(), args.seed, log)
+        result["load_average_end"] = _loadavg()
+    if args.json and args.json != "-":
+        Path(args.json).write_text(json.dumps(result, indent=1))
+    if args.json == "-":
         print(json.dumps(result, indent=1))
     else:
-        print_table(result, command)
-    if not result["equality"]["passed"]:
-        print("ERROR: the three variants do not compute the same function; the timings compare different programs",
+        if "unet" in parts:
+            print_table(result, command)
+        else:
+            print(f"command: {command}\nload average at start {result['load_average_start']}, at end "
+                  f"{result['load_average_end']}; {result['threads']} threads")
+        if "loading" in result:
+            import bench_loading
+            bench_loading.print_loading(result["loading"])
+        if "generate" in result:
+            import bench_generate
+            bench_generate.print_generate(result["generate"])
+    if "generate" in result and not result["generate"]["agree"]:
+        print("ERROR: svdlite's and diffusers' whole runs do not agree", file=sys.stderr)
+        return 1
+    if not result["equality"]["passed"] or not all(row["equality"]["passed"] for row in result["sizes"]):
+        print("ERROR: the variants do not compute the same function; the timings compare different programs",
               file=sys.stderr)
         return 1
     return 0

@@ -1,0 +1,195 @@
+#!/usr/bin/env python3
+"""A whole image-to-video run, svdlite's `generate` against diffusers' `StableVideoDiffusionPipeline`.
+
+Used by tools/benchmark.py (`--parts generate`). One diffusers pipeline folder is written with random weights
+(every parameter from svdlite.testing.random_tensors, fp16 files as the released checkpoints ship) at SVD's full
+width or the tiny width; each side loads it through its own loader, in float32, in a fresh process per run
+(`--child`), and runs the same image, the same initial noise and the same settings (3 Euler steps, 14 frames,
+128x128 pixels, guidance 1.0 -> 2.5, decoding in chunks of 14 included). Timed: the generate / pipeline call
+(loading excluded); also reported: the process's peak resident memory. The outputs are checked to agree first:
+final latents (max |a - b| / max |b|) and uint8 frames (max step).
+"""
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+SETTINGS = dict(num_frames=14, num_inference_steps=3, fps=7, motion_bucket_id=127, noise_aug_strength=0.02,
+                min_guidance_scale=1.0, max_guidance_scale=2.5, decode_chunk_size=14, height=128, width=128)
+# SVD's scheduler/scheduler_config.json, as tests/test_pipeline_diffusers.py
+SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                 prediction_type="v_prediction", interpolation_type="linear", use_karras_sigmas=True, sigma_min=0.002,
+                 sigma_max=700.0, timestep_spacing="leading", timestep_type="continuous", steps_offset=1)
+LATENT_TOLERANCE = 5e-3  # diffusers' GroupNorm eps 1e-6 in some ResBlocks (svdlite: the original 1e-5), 3 steps
+
+
+def _randomize(module: torch.nn.Module, seed: int) -> None:
+    from svdlite.testing import random_tensors
+
+    params = dict(module.named_parameters())
+    values = random_tensors({k: tuple(p.shape) for k, p in params.items()}, seed)
+    with torch.no_grad():
+        for k, p in params.items():
+            p.copy_(values[k])
+
+
+def write_pipeline(folder: Path, width: str, seed: int) -> None:
+    """The diffusers SVD pipeline folder (fp16 variant files) at SVD's width ("full") or a tiny one."""
+    from diffusers import (AutoencoderKLTemporalDecoder, EulerDiscreteScheduler, StableVideoDiffusionPipeline,
+                           UNetSpatioTemporalConditionModel)
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    if width == "full":
+        unet = UNetSpatioTemporalConditionModel(num_frames=14)  # diffusers' defaults are SVD's network
+        vae = AutoencoderKLTemporalDecoder()
+        clip = CLIPVisionConfig(hidden_size=1280, intermediate_size=5120, projection_dim=1024, num_hidden_layers=32,
+                                num_attention_heads=16, image_size=224, patch_size=14, hidden_act="gelu",
+                                layer_norm_eps=1e-5)
+    else:
+        unet = UNetSpatioTemporalConditionModel(
+            sample_size=8, in_channels=8, out_channels=4, block_out_channels=(32, 32, 64, 64),
+            num_attention_heads=(2, 2, 4, 4), layers_per_block=1, transformer_layers_per_block=1,
+            cross_attention_dim=48, addition_time_embed_dim=256, projection_class_embeddings_input_dim=768,
+            num_frames=14)
+        vae = AutoencoderKLTemporalDecoder(down_block_types=("DownEncoderBlock2D",) * 4,
+                                           block_out_channels=(32, 32, 64, 64), layers_per_block=2, latent_channels=4)
+        clip = CLIPVisionConfig(hidden_size=32, intermediate_size=128, projection_dim=48, num_hidden_layers=2,
+                                num_attention_heads=4, image_size=224, patch_size=14, hidden_act="gelu",
+                                layer_norm_eps=1e-5)
+    image_encoder = CLIPVisionModelWithProjection(clip)
+    for i, module in enumerate((unet, vae, image_encoder)):
+        _randomize(module, seed + 1000 + i)
+    pipe = StableVideoDiffusionPipeline(vae=vae, image_encoder=image_encoder, unet=unet,
+                                        scheduler=EulerDiscreteScheduler(**SCHEDULER),
+                                        feature_extractor=CLIPImageProcessor())
+    pipe.to(torch.float16).save_pretrained(folder, variant="fp16")
+
+
+def make_image(height: int, width: int):
+    from PIL import Image
+
+    y, x = np.mgrid[0:height, 0:width].astype(np.float64)
+    rgb = np.stack([255 * x / (width - 1), 255 * y / (height - 1), 128 + 80 * np.sin(x / 9 + y / 5)], axis=-1)
+    rgb += np.random.default_rng(0).normal(0.0, 20.0, rgb.shape)
+    return Image.fromarray(np.clip(rgb, 0, 255).round().astype(np.uint8))
+
+
+def child(side: str, folder: str, out: str, threads: int, seed: int) -> dict:
+    """Load (float32), run once, save the final latents and uint8 frames to `out` (.npz); returns the timing."""
+    torch.set_num_threads(threads)
+    s = SETTINGS
+    image = make_image(s["height"], s["width"])
+    noise = torch.randn(s["num_frames"], 4, s["height"] // 8, s["width"] // 8, generator=torch.Generator().manual_seed(seed))
+    if side == "diffusers":
+        from diffusers import StableVideoDiffusionPipeline
+
+        pipe = StableVideoDiffusionPipeline.from_pretrained(folder, variant="fp16", torch_dtype=torch.float32)
+        pipe.set_progress_bar_config(disable=True)
+        final = {}
+
+        def keep_last(p, i, t, kwargs):
+            if i == s["num_inference_steps"] - 1:
+                final["latents"] = kwargs["latents"].clone()
+            return {}
+
+        start = time.perf_counter()
+        frames = pipe(image, generator=torch.Generator().manual_seed(seed), latents=noise[None], output_type="pt",
+                      callback_on_step_end=keep_last, **s).frames[0]
+        seconds = time.perf_counter() - start
+        latents = final["latents"][0]
+        uint8 = np.stack([np.asarray(im) for im in pipe.video_processor.numpy_to_pil(
+            frames.permute(0, 2, 3, 1).float().numpy())])
+    else:
+        from svdlite.components import load_model
+        from svdlite.pipeline import generate
+
+        model = load_model(folder, dtype=torch.float32)
+        start = time.perf_counter()
+        video = generate(image, model=model, seed=seed, latents=noise, progress=False, **s)
+        seconds = time.perf_counter() - start
+        latents, uint8 = video.latents, video.frames.numpy()  # (T, H, W, 3)
+    np.savez(out, latents=latents.float().numpy(), frames=uint8)
+    return {"seconds": seconds, "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+
+
+def _env() -> dict:
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]),
+                                                         os.environ.get("PYTHONPATH", "")])}
+
+
+def _run(args: list[str]) -> dict:
+    cmd = [sys.executable, __file__, *args]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=_env())
+    if out.returncode:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{out.stderr[-3000:]}")
+    lines = out.stdout.strip().splitlines()
+    return json.loads(lines[-1]) if lines else {}
+
+
+def measure_generate(folder: Path, width: str, rounds: int, threads: int, seed: int, log=print) -> dict:
+    """Write the pipeline, check both sides agree, time `rounds` alternating runs (each its own process)."""
+    import statistics
+
+    _run(["--write", str(folder), "--width", width, "--seed", str(seed)])
+    log(f"wrote a random {width}-width diffusers SVD pipeline to {folder}")
+    runs = {"diffusers": [], "svdlite": []}
+    outputs = {}
+    for r in range(rounds):
+        for side in (("diffusers", "svdlite") if r % 2 == 0 else ("svdlite", "diffusers")):
+            npz = folder / f"{side}.npz"
+            runs[side].append(_run(["--child", side, str(folder), str(npz), "--threads", str(threads),
+                                    "--seed", str(seed)]))
+            if side not in outputs:
+                with np.load(npz) as z:
+                    outputs[side] = {k: z[k] for k in z.files}
+        log(f"  generate round {r + 1}/{rounds}: " + ", ".join(f"{k} {v[-1]['seconds']:.2f}s" for k, v in runs.items()))
+    a, b = outputs["svdlite"], outputs["diffusers"]
+    latent_diff = float(np.abs(a["latents"] - b["latents"]).max() / max(np.abs(b["latents"]).max(), 1e-30))
+    frame_diff = int(np.abs(a["frames"].astype(int) - b["frames"].astype(int)).max())
+    return {"width": width, "settings": SETTINGS, "rounds": rounds,
+            "seconds": {k: statistics.median(m["seconds"] for m in v) for k, v in runs.items()},
+            "seconds_all": {k: [m["seconds"] for m in v] for k, v in runs.items()},
+            "peak_rss": {k: max(m["peak_rss"] for m in v) for k, v in runs.items()},
+            "ratio": statistics.median(s["seconds"] / d["seconds"] for s, d in zip(runs["svdlite"], runs["diffusers"])),
+            "latent_rel_diff": latent_diff, "frame_max_step": frame_diff,
+            "agree": latent_diff <= LATENT_TOLERANCE}
+
+
+def print_generate(r: dict) -> None:
+    s = r["settings"]
+    print(f"\nwhole generate, {r['width']} width, {s['height']}x{s['width']} px, {s['num_frames']} frames, "
+          f"{s['num_inference_steps']} steps, decoding included, float32, each run a fresh process ({r['rounds']} "
+          f"alternating rounds, loading excluded)")
+    print(f"outputs: final latents max rel diff {r['latent_rel_diff']:.2e} (tolerance {LATENT_TOLERANCE:.0e}), uint8 "
+          f"frames max step {r['frame_max_step']}: {'AGREE' if r['agree'] else 'DISAGREE'}")
+    for side in ("diffusers", "svdlite"):
+        print(f"  {side:<10} median {r['seconds'][side]:8.2f} s   peak RSS {r['peak_rss'][side] / 2**30:6.2f} GiB")
+    print(f"  svdlite/diffusers time (per round, median): {r['ratio']:.3f}")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--child", nargs=3, metavar=("SIDE", "FOLDER", "OUT"))
+    parser.add_argument("--write", metavar="FOLDER")
+    parser.add_argument("--width", choices=("full", "tiny"), default="full")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args(argv)
+    if args.write:
+        write_pipeline(Path(args.write), args.width, args.seed)
+        return 0
+    if not args.child:
+        parser.error("--child SIDE FOLDER OUT or --write FOLDER")
+    print(json.dumps(child(*args.child, args.threads, args.seed)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,195 @@
+#!/usr/bin/env python3
+"""Loading the UNet until it is ready to run, svdlite against diffusers, each load in a fresh process.
+
+Used by tools/benchmark.py (`--loading`); run alone as `python tools/bench_loading.py --child ...` it is the child
+that performs one load and prints one JSON line. The files are written once from the same random weights:
+  diffusers   a diffusers folder, `unet/diffusion_pytorch_model.fp16.safetensors` + config.json (save_pretrained);
+  original    the same tensors in the original single-file layout (`model.diffusion_model.*`), fp16;
+  svdlite     svdlite's converted file from the original one (tools/convert_weights.py, fp16).
+diffusers loads only its folder (`UNetSpatioTemporalConditionModel.from_pretrained(variant="fp16")`, with
+`low_cpu_mem_usage` when `accelerate` is installed, as diffusers itself recommends); svdlite loads all three
+(`load_unet`). Every file is read through once before the rounds so it is in the page cache for both sides; the
+cases then alternate, each in its own process. Reported per load: seconds inside the load call (imports
+excluded), the process's peak resident memory, its resident memory before the call, and the model's bytes.
+"""
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+CASES = (("diffusers", "diffusers"), ("svdlite", "diffusers"), ("svdlite", "original"), ("svdlite", "svdlite"))
+PEAK_FACTOR = {"diffusers": 1.7, "svdlite": 1.15}  # measured peak / model size, to wait for enough free memory
+
+
+def child(side: str, path: str, dtype: str, threads: int) -> dict:
+    """One load in this (fresh) process; returns the measurement."""
+    torch.set_num_threads(threads)
+    if side == "diffusers":
+        from diffusers import UNetSpatioTemporalConditionModel
+    else:
+        from svdlite.loading import load_unet
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    start = time.perf_counter()
+    if side == "diffusers":
+        model = UNetSpatioTemporalConditionModel.from_pretrained(path, subfolder="unet", variant="fp16",
+                                                                 torch_dtype=DTYPES[dtype])
+    else:
+        model = load_unet(path, dtype=DTYPES[dtype])
+    seconds = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    model_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    left = [n for n, t in model.state_dict().items() if t.is_meta or t.dtype != DTYPES[dtype]]
+    if left:
+        raise RuntimeError(f"{side}: not loaded as {dtype}: {left[:3]}")
+    return {"seconds": seconds, "peak_rss": peak, "rss_before": base, "model_bytes": model_bytes}
+
+
+def write_files(folder: Path, seed: int, log) -> dict[str, Path]:
+    """The three files from one set of random weights, written by a child process (whose freed memory would
+    otherwise stay with this one while the loads run)."""
+    cmd = [sys.executable, __file__, "--write-files", str(folder), "--seed", str(seed)]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=_child_env())
+    if out.returncode:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{out.stderr[-2000:]}")
+    log(f"wrote the loading benchmark's files to {folder}")
+    return file_paths(folder)
+
+
+def file_paths(folder: Path) -> dict[str, Path]:
+    return {"diffusers": folder / "diffusers", "original": folder / "svd_original_fp16.safetensors",
+            "svdlite": folder / "svd.svdlite.safetensors"}
+
+
+def _write_files(folder: Path, seed: int) -> None:
+    """The three files (see the module docstring), SVD's full-size UNet."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from benchmark import build_diffusers_unet
+    from safetensors.torch import save_file
+
+    from svdlite.components import open_model_source
+    from svdlite.convert import convert
+    from svdlite.unet import VideoUNet
+    from svdlite.unet_keymap import ORIGINAL_PREFIX, diffusers_unet_names
+
+    from svdlite.unet import UNetConfig
+
+    config, paths = UNetConfig(), file_paths(folder)
+    unet = build_diffusers_unet(config, 14, seed).half()
+    unet.save_pretrained(paths["diffusers"] / "unet", safe_serialization=True, variant="fp16",
+                         max_shard_size="100GB")
+    with torch.device("meta"):
+        keys = list(VideoUNet(config, fold_cross_attention=False).state_dict())
+    state = unet.state_dict()
+    save_file({ORIGINAL_PREFIX + k: state[v].contiguous() for k, v in diffusers_unet_names(config, keys).items()},
+              str(paths["original"]))
+    del unet, state
+    convert(open_model_source(paths["original"], "svd", require_all=False), paths["svdlite"],
+            dtype=torch.float16, log=lambda msg: None)
+
+
+def _child_env() -> dict:
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]),
+                                                         os.environ.get("PYTHONPATH", "")])}
+
+
+def _read_through(path: Path) -> None:
+    """Read every byte once, so the page cache holds the file for both sides."""
+    for f in ([path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())):
+        with open(f, "rb", buffering=0) as fh:
+            while fh.read(64 << 20):
+                pass
+
+
+def _mem_available() -> int:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    return 1 << 62
+
+
+def run_child(side: str, path: Path, dtype: str, threads: int, model_bytes: int, log) -> dict:
+    need = PEAK_FACTOR[side] * model_bytes + (1 << 30)
+    while _mem_available() < need:  # other processes hold the memory: wait rather than risk the OOM killer
+        log(f"  waiting: {_mem_available() / 2**30:.1f} GiB free, {need / 2**30:.1f} GiB needed")
+        time.sleep(10)
+    cmd = [sys.executable, __file__, "--child", side, str(path), dtype, "--threads", str(threads)]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=_child_env())
+    if out.returncode:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def measure_loading(paths: dict[str, Path], dtypes=("fp32", "fp16"), rounds: int = 3, threads: int = 2,
+                    params: int = 1_500_000_000, log=print) -> dict:
+    """{dtype: {case: {seconds: stats, peak_rss: stats, ...}}, ratios: {dtype: {case: stats}}}; cases alternate."""
+    for p in paths.values():
+        _read_through(p)
+    result = {}
+    for dtype in dtypes:
+        model_bytes = params * DTYPES[dtype].itemsize
+        runs = {f"{s}:{f}": [] for s, f in CASES}
+        for r in range(rounds):
+            order = CASES[r % len(CASES):] + CASES[:r % len(CASES)]
+            for side, fmt in order:
+                m = run_child(side, paths[fmt], dtype, threads, model_bytes, log)
+                runs[f"{side}:{fmt}"].append(m)
+            log(f"  loading {dtype} round {r + 1}/{rounds}: " + ", ".join(
+                f"{k} {v[-1]['seconds']:.2f}s" for k, v in runs.items()))
+        out = {}
+        for case, ms in runs.items():
+            ref = runs["diffusers:diffusers"]
+            out[case] = {
+                "seconds": statistics.median(m["seconds"] for m in ms),
+                "seconds_all": [m["seconds"] for m in ms],
+                "peak_rss": max(m["peak_rss"] for m in ms), "rss_before": min(m["rss_before"] for m in ms),
+                "model_bytes": ms[0]["model_bytes"],
+                "ratio_vs_diffusers": statistics.median(a["seconds"] / b["seconds"] for a, b in zip(ms, ref)),
+            }
+            o = out[case]
+            o["peak_over_model"] = o["peak_rss"] / o["model_bytes"]
+            o["peak_above_start_over_model"] = (o["peak_rss"] - o["rss_before"]) / o["model_bytes"]
+        result[dtype] = out
+    return result
+
+
+def print_loading(result: dict) -> None:
+    print("\nloading the full-size UNet until ready, each load a fresh process (median seconds; ratio = median of "
+          "per-round svdlite/diffusers-folder; peak = max resident memory over the rounds)")
+    header = (f"{'side: from':<22}{'dtype':>6}{'seconds':>9}{'ratio':>8}{'peak GiB':>10}{'model GiB':>11}"
+              f"{'peak/model':>12}{'(peak-start)/model':>20}")
+    print(header)
+    print("-" * len(header))
+    for dtype, cases in result.items():
+        for case, o in cases.items():
+            print(f"{case:<22}{dtype:>6}{o['seconds']:>9.2f}{o['ratio_vs_diffusers']:>8.2f}"
+                  f"{o['peak_rss'] / 2**30:>10.2f}{o['model_bytes'] / 2**30:>11.2f}{o['peak_over_model']:>12.2f}"
+                  f"{o['peak_above_start_over_model']:>20.2f}")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--child", nargs=3, metavar=("SIDE", "PATH", "DTYPE"))
+    parser.add_argument("--write-files", metavar="FOLDER")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args(argv)
+    if args.write_files:
+        _write_files(Path(args.write_files), args.seed)
+        return 0
+    if not args.child:
+        parser.error("--child SIDE PATH DTYPE or --write-files FOLDER")
+    side, path, dtype = args.child
+    print(json.dumps(child(side, path, dtype, args.threads)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
