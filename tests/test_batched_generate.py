@@ -80,5 +80,5 @@ def test_batch_arguments_are_checked(tiny, images):
         generate(images, model=tiny, seed=[1, 2], **SETTINGS)
     with pytest.raises(ValueError, match="latents for a list of 3 images"):
         generate(images, model=tiny, latents=torch.zeros(3, 4, 16, 16), **SETTINGS)
-    with pytest.raises(ValueError, match="a seed must be an int"):
+    with pytest.raises(ValueError, match="seed must be an int"):
         generate(images[:1], model=tiny, seed=["1"], **SETTINGS)

@@ -243,14 +243,14 @@ def test_sigterm_during_conversion_leaves_no_partial_file(tmp_path, monkeypatch,
 
     src = tmp_path / "svd.safetensors"
     write_original(src)
-    real_save = svdlite.convert.save_file
+    real_save = svdlite.convert.save_aligned
 
-    def save_then_sigterm(tensors, path, metadata=None):
-        real_save(tensors, path, metadata=metadata)
+    def save_then_sigterm(tensors, path, metadata):
+        real_save(tensors, path, metadata)
         assert Path(path).stat().st_size > 0  # a temporary file exists now
         os.kill(os.getpid(), signal.SIGTERM)
 
-    monkeypatch.setattr(svdlite.convert, "save_file", save_then_sigterm)
+    monkeypatch.setattr(svdlite.convert, "save_aligned", save_then_sigterm)
     out = tmp_path / "out" / "converted.safetensors"
     assert convert_weights.main([str(src), str(out)]) == cli.EXIT_TERMINATED
     assert "terminated; nothing was written" in capsys.readouterr().err
