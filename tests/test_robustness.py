@@ -255,3 +255,24 @@ def test_sigterm_during_conversion_leaves_no_partial_file(tmp_path, monkeypatch,
     assert convert_weights.main([str(src), str(out)]) == cli.EXIT_TERMINATED
     assert "terminated; nothing was written" in capsys.readouterr().err
     assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_seed_and_model_lines_are_printed(tmp_path, capsys):
+    """Without --seed the drawn seed is printed (to make a good run again), then what is loaded, from where."""
+    code = cli.main(["generate", str(EXAMPLE), "-o", str(tmp_path / "x.mp4"), "--model", str(tmp_path / "m.bin")])
+    out = capsys.readouterr()
+    assert code == cli.EXIT_REFUSED and "no such file or folder" in out.err
+    seed = int(out.out.split("seed: ")[1].split()[0])
+    assert 0 <= seed < 2**32 and f"pass --seed {seed} to make this video again" in out.out
+    assert f"loading {tmp_path / 'm.bin'} on cpu, fp32" in out.out
+
+
+def test_clean_errors_from_a_thread_too(capsys):
+    """SIGTERM handling is for the main thread only; from another thread errors are still one clean line."""
+    import threading
+
+    codes = []
+    worker = threading.Thread(target=lambda: codes.append(cli.main(["info", "/nonexistent/svd.safetensors"])))
+    worker.start()
+    worker.join()
+    assert codes == [cli.EXIT_REFUSED] and "no such file" in capsys.readouterr().err
