@@ -276,3 +276,16 @@ def test_clean_errors_from_a_thread_too(capsys):
     worker.start()
     worker.join()
     assert codes == [cli.EXIT_REFUSED] and "no such file" in capsys.readouterr().err
+
+
+def test_info_says_whether_a_file_is_complete(tmp_path):
+    from svdlite.components import describe
+
+    assert describe("tiny")[-1].startswith("complete: yes")
+    with safe_open(str(TINY_FILE), "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys() if not k.startswith("image_encoder.")}
+        meta = {**f.metadata(), "components": "unet,vae_encoder,vae_decoder"}
+    save_file(tensors, str(tmp_path / "noclip.safetensors"), metadata=meta)
+    lines = describe(tmp_path / "noclip.safetensors")
+    assert any(line.startswith("image_encoder: 32 of the 32 tensors svdlite reads are absent") for line in lines)
+    assert lines[-1] == "complete: no, image_encoder missing; generation needs all four components"
