@@ -16,6 +16,7 @@ import argparse
 import contextlib
 import signal
 import sys
+import threading
 from pathlib import Path
 
 from . import __version__
@@ -37,7 +38,12 @@ def _raise_terminated(signum, frame):
 
 @contextlib.contextmanager
 def sigterm_raises():
-    """Within the block, SIGTERM raises `Terminated` instead of killing the process outright."""
+    """Within the block, SIGTERM raises `Terminated` instead of killing the process outright.
+
+    Only the main thread can handle signals: elsewhere (svdlite run from a thread) SIGTERM keeps its handler."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
     previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         yield

@@ -255,3 +255,37 @@ def test_sigterm_during_conversion_leaves_no_partial_file(tmp_path, monkeypatch,
     assert convert_weights.main([str(src), str(out)]) == cli.EXIT_TERMINATED
     assert "terminated; nothing was written" in capsys.readouterr().err
     assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_seed_and_model_lines_are_printed(tmp_path, capsys):
+    """Without --seed the drawn seed is printed (to make a good run again), then what is loaded, from where."""
+    code = cli.main(["generate", str(EXAMPLE), "-o", str(tmp_path / "x.mp4"), "--model", str(tmp_path / "m.bin")])
+    out = capsys.readouterr()
+    assert code == cli.EXIT_REFUSED and "no such file or folder" in out.err
+    seed = int(out.out.split("seed: ")[1].split()[0])
+    assert 0 <= seed < 2**32 and f"pass --seed {seed} to make this video again" in out.out
+    assert f"loading {tmp_path / 'm.bin'} on cpu, fp32" in out.out
+
+
+def test_clean_errors_from_a_thread_too(capsys):
+    """SIGTERM handling is for the main thread only; from another thread errors are still one clean line."""
+    import threading
+
+    codes = []
+    worker = threading.Thread(target=lambda: codes.append(cli.main(["info", "/nonexistent/svd.safetensors"])))
+    worker.start()
+    worker.join()
+    assert codes == [cli.EXIT_REFUSED] and "no such file" in capsys.readouterr().err
+
+
+def test_info_says_whether_a_file_is_complete(tmp_path):
+    from svdlite.components import describe
+
+    assert describe("tiny")[-1].startswith("complete: yes")
+    with safe_open(str(TINY_FILE), "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys() if not k.startswith("image_encoder.")}
+        meta = {**f.metadata(), "components": "unet,vae_encoder,vae_decoder"}
+    save_file(tensors, str(tmp_path / "noclip.safetensors"), metadata=meta)
+    lines = describe(tmp_path / "noclip.safetensors")
+    assert any(line.startswith("image_encoder: 32 of the 32 tensors svdlite reads are absent") for line in lines)
+    assert lines[-1] == "complete: no, image_encoder missing; generation needs all four components"
