@@ -110,7 +110,8 @@ def test_speed_levels(tiny):
     same = generate(EXAMPLE, model=tiny, **SMALL, **SPEED_LEVELS["balanced"])
     assert torch.equal(balanced.latents, same.latents)
     override = generate(EXAMPLE, model=tiny, speed="balanced", cache_interval=1, **SMALL)  # explicit wins
-    assert torch.equal(override.latents, generate(EXAMPLE, model=tiny, cache_depth=1, **SMALL).latents)
+    depth = SPEED_LEVELS["balanced"]["cache_depth"]
+    assert torch.equal(override.latents, generate(EXAMPLE, model=tiny, cache_depth=depth, **SMALL).latents)
     with pytest.raises(ValueError, match="unknown speed"):
         generate(EXAMPLE, model=tiny, speed="turbo", **SMALL)
 
