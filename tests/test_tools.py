@@ -132,8 +132,8 @@ def test_option_variants_are_checked_before_running(tiny_model):
 
 
 def test_metric_helpers():
-    assert mo.default_cuts(10) == [0, 4, 6, 8, 10]
-    assert mo.default_cuts(1) == [0, 1]
+    assert [name for name, _ in mo.default_variants(10, f3_ratios=(0.2,), speeds=("fast",), caches=())] == [
+        "guidance-cut@8", "f3@0.2", "speed fast"]  # the cut at 80% of the steps by default
     frames = torch.zeros(2, 4, 4, 3, dtype=torch.uint8)
     other = frames.clone()
     other[1, 0, 0, 0] = 255  # one pixel fully wrong in frame 1

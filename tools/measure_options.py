@@ -77,19 +77,6 @@ def fullwidth_model(seed: int = 0, preset: str = "svd-xt") -> SVDModel:
                     source=f"random full-width weights (seed {seed})")
 
 
-def frame_metrics(frames: torch.Tensor, exact: torch.Tensor) -> dict:
-    """uint8 (T, H, W, 3) frames against the exact ones: mean/max |diff| and PSNR (all frames; worst frame)."""
-    diff = frames.to(torch.int16) - exact.to(torch.int16)
-    sq = diff.double().pow(2)
-    mse, mse_frames = sq.mean().item(), sq.flatten(1).mean(1)
-
-    def psnr(m: float) -> float:
-        return math.inf if m == 0 else 10 * math.log10(255.0 ** 2 / m)
-
-    return {"frames_mean_abs": diff.abs().double().mean().item(), "frames_max_abs": int(diff.abs().max()),
-            "psnr_db": psnr(mse), "psnr_worst_frame_db": psnr(mse_frames.max().item())}
-
-
 def parse_variant(text: str) -> tuple[str, dict]:
     """"name:key=value,key=value" (or just "key=value,...", named after itself) -> (name, generate options)."""
     name, _, spec = text.rpartition(":") if ":" in text else (text, "", text)
@@ -105,11 +92,6 @@ def parse_variant(text: str) -> tuple[str, dict]:
     if not options:
         raise ValueError(f"variant {text!r} sets no option")
     return name, options
-
-
-def default_cuts(steps: int) -> list[int]:
-    """0 (no guided step at all), 40/60/80 % of the steps, and `steps` (the exact computation: a zero check)."""
-    return sorted({0, steps} | {min(max(round(f * steps), 1), steps) for f in (0.4, 0.6, 0.8)})
 
 
 def frame_metrics(frames: torch.Tensor, exact: torch.Tensor) -> dict:
