@@ -17,7 +17,7 @@ from . import checks, sampling
 from .clip import encode_image
 from .components import SVDModel, load_model
 from .conditioning import augment_condition_image, cfg_batch, fps_id_from_fps, micro_conditioning
-from .f3 import STATISTICS, as_schedule, unet_identity
+from .f3 import as_schedule, unet_identity
 from .image import load_image, open_image
 from .plan import Plan, Step, build_plan, check_options, speed_options
 from .presets import SamplingConfig
@@ -65,13 +65,10 @@ def make_plan(model: SVDModel, s: SamplingConfig, sigmas: torch.Tensor, *, sched
     f3_ratio = 0.0 if f3_ratio is None else f3_ratio
     f3_statistic = "attention" if f3_statistic is None else f3_statistic
     cache_interval = 1 if cache_interval is None else cache_interval
-    if f3_statistic not in STATISTICS:
-        raise ValueError(f"unknown f3_statistic {f3_statistic!r}; expected one of {STATISTICS}")
+    check_options({"f3_ratio": f3_ratio, "f3_statistic": f3_statistic, "cache_interval": cache_interval,
+                   "cache_depth": cache_depth}, f3_schedule is not None)
     skip = None
-    if f3_schedule is None:
-        if f3_ratio:
-            raise ValueError(f"f3_ratio={f3_ratio!r} needs an f3_schedule (make one with svdlite calibrate)")
-    else:
+    if f3_schedule is not None:
         f3_schedule = as_schedule(f3_schedule)
         f3_schedule.num_skipped(f3_ratio)  # validates the ratio before the identity check's work
         settings = run_settings(s, len(sigmas) - 1, schedule_name)
