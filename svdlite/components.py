@@ -13,8 +13,8 @@ from torch import nn
 
 from . import clip_keymap, vae_keymap
 from .clip import CLIPVisionConfig, build_image_encoder
-from .loading import (SVDLITE_FORMAT, CheckpointError, Entry, TensorSource, diffusers_unet_files, fold_temporal_blend,
-                      original_source_names,
+from .loading import (SVDLITE_FORMAT, CheckpointError, Entry, TensorSource, blend_is_stored_folded,
+                      diffusers_unet_files, fold_temporal_blend, original_source_names,
                       unet_file_keys, detect_unet_format, load_planned, unet_plan)
 from .presets import PRESETS
 from .unet import UNetConfig, VideoUNet
@@ -240,7 +240,9 @@ def load_component(ms: ModelSource, component: str, *, device="cpu", dtype=torch
     label = f"{ms.fmt}-format {component} ({ms.path})"
     model = load_planned(model, ms.files[component], plan, scope=scope, ignored=ignored, dtype=dtype, device=device,
                          label=label)
-    return fold_temporal_blend(model) if component == "unet" else model
+    if component == "unet":
+        return fold_temporal_blend(model, stored=blend_is_stored_folded(ms.files["unet"]))
+    return model
 
 
 def resolve_model_path(model, token: str | None = None) -> tuple[Path, str | None]:

@@ -6,12 +6,14 @@ Formats (DESIGN.md "Weights and formats"):
   svdlite    a file written by tools/convert_weights.py (metadata `format=svdlite`, UNet keys prefixed `unet.`).
 Only the tensors a model needs are read; every read is recorded in `TensorSource.reads`. Each tensor is read once,
 straight into its final dtype and device: a tensor already in that dtype is the file's own memory map (no copy),
-any other is read through a small reused buffer into a new tensor of the final dtype, so the file's pages never
-count towards the process's memory and the model is never held twice (peak = the loaded model + one buffer).
+any other is converted piecewise from a read-only memory map into a new tensor of the final dtype, each piece's
+pages dropped from the process once converted, so the file never counts towards the process's memory and the
+model is never held twice (peak = the loaded model + one piece).
 """
 import json
-import os
+import mmap
 import struct
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -34,7 +36,7 @@ DIFFUSERS_UNET_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorc
 SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
                       "BOOL": torch.bool}
-READ_BUFFER_BYTES = 32 << 20  # the reused buffer through which converted tensors are read
+READ_BUFFER_BYTES = 32 << 20  # converted reads go piecewise: at most this much of a file is mapped at once
 # Tensors are used in place from the file's memory map only at this alignment (that of torch's own allocations):
 # CPU kernels round differently on differently aligned data, so one network loaded from files with different
 # layouts would otherwise give outputs that differ in the last bits.
@@ -47,7 +49,7 @@ class TensorSource:
     def __init__(self, files: list[Path]):
         self.files, self.key_file, self.metadata, self.reads, self._handles = files, {}, {}, [], {}
         self._layout: dict[str, tuple[str, tuple[int, ...], int, int]] = {}  # key -> (dtype, shape, offset, end)
-        self._buffer: torch.Tensor | None = None
+        self._maps: dict[Path, mmap.mmap] = {}  # read-only maps for converted reads (`_read_converted`)
         for f in files:
             if not f.is_file():
                 raise CheckpointError(f"{f}: no such file")
@@ -75,8 +77,7 @@ class TensorSource:
         """Read one tensor (recorded in `reads`) as `dtype` (default: the file's) on `device`.
 
         In the file's dtype on the CPU and 64-byte aligned in the file it is the file's memory map (no copy);
-        otherwise it is read once, through a reused buffer of READ_BUFFER_BYTES, into a new tensor of `dtype` on
-        `device`."""
+        otherwise it is converted once, in pieces of READ_BUFFER_BYTES, into a new tensor of `dtype` on `device`."""
         self.reads.append(key)
         file = self.key_file[key]
         name, shape, start, end = self._layout[key]
@@ -96,27 +97,34 @@ class TensorSource:
             raise CheckpointError(f"{file}: cannot read tensor {key!r} ({err}); truncated file?") from err
 
     def _read_converted(self, file: Path, stored: torch.dtype, start: int, end: int, out: torch.Tensor) -> None:
-        """Bytes [start, end) of `file` (elements of `stored`) into the flat tensor `out`, converting piecewise."""
+        """Bytes [start, end) of `file` (elements of `stored`) into the flat tensor `out`, converting piecewise.
+
+        Each piece of READ_BUFFER_BYTES is converted straight from a read-only memory map of the file (the page
+        cache, no intermediate copy), and its pages are then dropped from this process's mapping
+        (MADV_DONTNEED: the page cache keeps them), so no more than one piece of the file is ever resident here."""
         if end - start != out.numel() * stored.itemsize:
             raise CheckpointError(f"{file}: a tensor's byte range {start}..{end} does not match its shape")
-        if self._buffer is None:
-            self._buffer = torch.empty(READ_BUFFER_BYTES, dtype=torch.uint8)
-        step = READ_BUFFER_BYTES // stored.itemsize
-        with open(file, "rb", buffering=0) as fh:
+        if end > file.stat().st_size:
+            raise CheckpointError(f"{file}: file ends inside a tensor; truncated file?")
+        mapped = self._maps.get(file)
+        if mapped is None:
+            with open(file, "rb") as fh:
+                mapped = self._maps[file] = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+        step = max(1, READ_BUFFER_BYTES // stored.itemsize)
+        with warnings.catch_warnings():  # read only, never written: torch warns about any non-writable buffer
+            warnings.simplefilter("ignore", UserWarning)
             for i in range(0, out.numel(), step):
                 n = min(step, out.numel() - i)
-                view = memoryview(self._buffer.numpy())[: n * stored.itemsize]
-                pos, offset = 0, start + i * stored.itemsize
-                while pos < len(view):
-                    got = os.preadv(fh.fileno(), [view[pos:]], offset + pos)
-                    if got <= 0:
-                        raise CheckpointError(f"{file}: file ends inside a tensor; truncated file?")
-                    pos += got
-                out[i:i + n].copy_(self._buffer[: n * stored.itemsize].view(stored))
+                offset = start + i * stored.itemsize
+                out[i:i + n].copy_(torch.frombuffer(mapped, dtype=stored, count=n, offset=offset))
+                first = offset - offset % mmap.PAGESIZE
+                mapped.madvise(mmap.MADV_DONTNEED, first, offset + n * stored.itemsize - first)
 
     def release_buffer(self) -> None:
-        """Free the read buffer (the next converted read allocates it again)."""
-        self._buffer = None
+        """Unmap the files' read-only maps used for converted reads (the next converted read maps them again)."""
+        for mapped in self._maps.values():
+            mapped.close()
+        self._maps.clear()
 
 
 def _safetensors_layout(path: Path) -> dict[str, tuple[str, tuple[int, ...], int, int]]:
@@ -294,7 +302,23 @@ def unet_plan(fmt: str, config: UNetConfig, expected) -> dict[str, Entry]:
             for k, srcs in unet_read_plan(fmt, config, expected).items()}
 
 
-def fold_temporal_blend(unet: VideoUNet) -> VideoUNet:
+# svdlite files written since the blend fold moved into the converter say so in their metadata (older ones do not,
+# and are folded when loaded): their `time_stack.out_layers.3` tensors already hold (1 - alpha) W
+BLEND_METADATA_KEY, BLEND_FOLDED = "unet_temporal_blend", "folded"
+
+
+def blend_is_stored_folded(src: TensorSource) -> bool:
+    """Whether this file's VideoResBlocks' temporal convs are stored with the blend folded in (svdlite files)."""
+    return src.metadata.get(BLEND_METADATA_KEY) == BLEND_FOLDED
+
+
+def blend_scale(mix_factor: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """(1 - alpha) = 1 - sigmoid(mix_factor) in `dtype`, shape (1,) (not a wrapped scalar: a half-precision tensor
+    multiplied by it is computed in `dtype` and rounded once)."""
+    return 1.0 - torch.sigmoid(mix_factor.detach().to(dtype).reshape(1))
+
+
+def fold_temporal_blend(unet: VideoUNet, *, stored: bool = False) -> VideoUNet:
     """Fold each VideoResBlock's blend into its temporal branch's last conv (exact up to float rounding).
 
     Its temporal branch is `time_stack(x) = x + r`, r ending in the conv `out_layers.3`, so for video frames the
@@ -302,21 +326,40 @@ def fold_temporal_blend(unet: VideoUNet) -> VideoUNet:
     scaling that conv's weight and bias by (1 - alpha) (in >= float32, stored in the model's dtype) makes time_stack's
     output the blend, and the block skips the blend (image-only frames still take x). Parameter names and shapes
     are unchanged; only those two tensors' values change. Not applicable to the temporal transformer, whose
-    residual branches feed each other. Applied by `load_unet` / `load_model`, never by the converter."""
+    residual branches feed each other. Applied by `load_unet` / `load_model`; stored=True marks the blocks of a
+    model loaded from a file that already holds the folded values (`blend_is_stored_folded`), without scaling."""
     from .unet_blocks import VideoResBlock
 
     with torch.no_grad():
         for block in unet.modules():
             if isinstance(block, VideoResBlock) and not block.blend_folded:
-                conv = block.time_stack.out_layers[3]
-                work = torch.promote_types(conv.weight.dtype, torch.float32)
-                # shape (1,): not a wrapped scalar, so an fp16 weight is multiplied in `work` and rounded once;
-                # in place, as fresh temporaries of these 66M values cost more than the multiply on this VM
-                scale = 1.0 - torch.sigmoid(block.time_mixer.mix_factor.detach().to(work).reshape(1))
-                conv.weight.mul_(scale)
-                conv.bias.mul_(scale)
+                if not stored:
+                    conv = block.time_stack.out_layers[3]
+                    # in place, as fresh temporaries of these 66M values cost more than the multiply on this VM
+                    scale = blend_scale(block.time_mixer.mix_factor,
+                                        torch.promote_types(conv.weight.dtype, torch.float32))
+                    conv.weight.mul_(scale)
+                    conv.bias.mul_(scale)
                 block.blend_folded = True
     return unet
+
+
+def folded_blend_tensors(unet: VideoUNet, src: TensorSource, plan: dict[str, Entry]) -> dict[str, torch.Tensor]:
+    """{key: float32 tensor} of every VideoResBlock's `time_stack.out_layers.3` weight and bias with (1 - alpha)
+    folded in, computed from `src`'s values in float32 through `plan` (as `load_planned` reads them): what the
+    converter stores (rounded once to the file's dtype), so that a converted file loads without changing a tensor,
+    equal to what `fold_temporal_blend` computes when loading the source in that dtype."""
+    from .unet_blocks import VideoResBlock
+
+    out = {}
+    for name, block in unet.named_modules():
+        if isinstance(block, VideoResBlock):
+            scale = blend_scale(src.get(plan[f"{name}.time_mixer.mix_factor"].sources[0], torch.float32))
+            for leaf in ("weight", "bias"):
+                key = f"{name}.time_stack.out_layers.3.{leaf}"
+                value = src.get(plan[key].sources[0], torch.float32)
+                out[key] = value.clone() if blend_is_stored_folded(src) else value * scale
+    return out
 
 
 def _stored_config(src: TensorSource, fmt: str) -> UNetConfig:
@@ -353,5 +396,5 @@ def load_unet(source, config: UNetConfig | None = None, *, device="cpu", dtype: 
              f"channel_mult={config.channel_mult}, context_dim={config.context_dim})")
     load_planned(model, src, plan, scope=unet_file_keys(fmt, src.keys()), ignored=ignored, dtype=dtype,
                  device=device, label=label)
-    fold_temporal_blend(model)
+    fold_temporal_blend(model, stored=blend_is_stored_folded(src))
     return (model, src) if return_source else model

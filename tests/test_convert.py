@@ -139,3 +139,27 @@ def unet_output_small(unet):
     ctx, y = torch.randn(6, 1, c.context_dim, generator=g), torch.randn(6, c.adm_in_channels, generator=g)
     with torch.no_grad():
         return unet(x, torch.full((6,), 0.1), ctx, y, 3)
+
+
+def test_blend_fold_is_stored_and_loads_as_the_original_does(tmp_path):
+    """An fp16 original -> an fp16 svdlite file whose temporal convs hold the blend fold: loaded to float16 it equals
+    the original file loaded to float16 tensor for tensor (bit-identical: the same float32 products, rounded once);
+    loaded to float32, too, but for the two folds, which the file holds rounded to float16 (the float32 load is
+    that rounding exactly); converting it again does not fold twice."""
+    src = tmp_path / "svd_xt.safetensors"
+    write_original(src, edit=lambda t: t.update({k: v.half() for k, v in t.items()}))
+    out, again = tmp_path / "half.safetensors", tmp_path / "again.safetensors"
+    assert run(src, out) == 0 and run(out, again, "--dtype", "fp16") == 0
+    for path in (out, again):
+        with safe_open(str(path), "pt") as f:
+            assert f.metadata()["unet_temporal_blend"] == "folded"
+            assert all(f.get_slice(k).get_dtype() == "F16" for k in f.keys())
+    for dtype in (torch.float16, torch.float32):
+        reference = load_unet(src, UNET, dtype=dtype).state_dict()
+        for path in (out, again):
+            converted = load_unet(path, dtype=dtype).state_dict()
+            assert converted.keys() == reference.keys()
+            for k, v in reference.items():
+                folded = ".attn2_fold." in k or ".time_stack.out_layers.3." in k
+                expected = v.half().to(dtype) if folded else v
+                assert converted[k].dtype == dtype and torch.equal(converted[k], expected), (path.name, dtype, k)

@@ -5,9 +5,10 @@ Used by tools/benchmark.py (`--loading`); run alone as `python tools/bench_loadi
 that performs one load and prints one JSON line. The files are written once from the same random weights:
   diffusers   a diffusers folder, `unet/diffusion_pytorch_model.fp16.safetensors` + config.json (save_pretrained);
   original    the same tensors in the original single-file layout (`model.diffusion_model.*`), fp16;
-  svdlite     svdlite's converted file from the original one (tools/convert_weights.py, fp16).
+  svdlite     svdlite's converted file from the original one (tools/convert_weights.py, fp16);
+  svdlite32   the same converted to fp32 (`--dtype fp32`), the file to run a float32 model from.
 diffusers loads only its folder (`UNetSpatioTemporalConditionModel.from_pretrained(variant="fp16")`, with
-`low_cpu_mem_usage` when `accelerate` is installed, as diffusers itself recommends); svdlite loads all three
+`low_cpu_mem_usage` when `accelerate` is installed, as diffusers itself recommends); svdlite loads all four
 (`load_unet`). Every file is read through once before the rounds so it is in the page cache for both sides; the
 cases then alternate, each in its own process. Reported per load: seconds inside the load call (imports
 excluded), the process's peak resident memory, its resident memory before the call, and the model's bytes.
@@ -25,7 +26,8 @@ from pathlib import Path
 import torch
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
-CASES = (("diffusers", "diffusers"), ("svdlite", "diffusers"), ("svdlite", "original"), ("svdlite", "svdlite"))
+CASES = (("diffusers", "diffusers"), ("svdlite", "diffusers"), ("svdlite", "original"), ("svdlite", "svdlite"),
+         ("svdlite", "svdlite32"))
 PEAK_FACTOR = {"diffusers": 1.7, "svdlite": 1.15}  # measured peak / model size, to wait for enough free memory
 
 
@@ -65,7 +67,7 @@ def write_files(folder: Path, seed: int, log) -> dict[str, Path]:
 
 def file_paths(folder: Path) -> dict[str, Path]:
     return {"diffusers": folder / "diffusers", "original": folder / "svd_original_fp16.safetensors",
-            "svdlite": folder / "svd.svdlite.safetensors"}
+            "svdlite": folder / "svd.svdlite.safetensors", "svdlite32": folder / "svd.svdlite.fp32.safetensors"}
 
 
 def _write_files(folder: Path, seed: int) -> None:
@@ -91,8 +93,9 @@ def _write_files(folder: Path, seed: int) -> None:
     save_file({ORIGINAL_PREFIX + k: state[v].contiguous() for k, v in diffusers_unet_names(config, keys).items()},
               str(paths["original"]))
     del unet, state
-    convert(open_model_source(paths["original"], "svd", require_all=False), paths["svdlite"],
-            dtype=torch.float16, log=lambda msg: None)
+    for fmt, dtype in (("svdlite", torch.float16), ("svdlite32", torch.float32)):
+        convert(open_model_source(paths["original"], "svd", require_all=False), paths[fmt], dtype=dtype,
+                log=lambda msg: None)
 
 
 def _child_env() -> dict:
