@@ -65,11 +65,13 @@ class ResBlock(nn.Module):
         out_channels = out_channels or channels
         self.exchange_temb_dims = exchange_temb_dims
         self.skip_t_emb = skip_t_emb
-        self.in_layers = nn.Sequential(GroupNorm32(channels), nn.SiLU(), conv_nd(dims, channels, out_channels, kernel_size))
+        # SiLU in place on the norm's fresh output (the emb SiLU is not: its input is shared)
+        self.in_layers = nn.Sequential(GroupNorm32(channels), nn.SiLU(inplace=True),
+                                       conv_nd(dims, channels, out_channels, kernel_size))
         if not skip_t_emb:
             self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, out_channels))
         # index 2 is the (inactive) dropout of the original, kept so `out_layers.3` matches the checkpoint
-        self.out_layers = nn.Sequential(GroupNorm32(out_channels), nn.SiLU(), nn.Identity(),
+        self.out_layers = nn.Sequential(GroupNorm32(out_channels), nn.SiLU(inplace=True), nn.Identity(),
                                         conv_nd(dims, out_channels, out_channels, kernel_size))
         self.skip_connection = nn.Identity() if out_channels == channels else conv_nd(dims, channels, out_channels, 1)
 
@@ -79,8 +81,8 @@ class ResBlock(nn.Module):
             e = self.emb_layers(emb).type(h.dtype)
             if self.exchange_temb_dims:
                 e = rearrange(e, "b t c -> b c t")
-            h = h + e.reshape(*e.shape, *([1] * (h.ndim - e.ndim)))
-        return self.skip_connection(x) + self.out_layers(h)
+            h += e.reshape(*e.shape, *([1] * (h.ndim - e.ndim)))  # h is the conv's fresh output: in place
+        return self.out_layers(h).add_(self.skip_connection(x))
 
 
 class GEGLU(nn.Module):
@@ -92,7 +94,7 @@ class GEGLU(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         a, gate = self.proj(x).chunk(2, dim=-1)
-        return a * F.gelu(gate)
+        return F.gelu(gate).mul_(a)  # into GELU's fresh output: no third tensor of this size
 
 
 class FeedForward(nn.Module):

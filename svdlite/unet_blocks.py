@@ -36,7 +36,10 @@ class AlphaBlender(nn.Module):
 
     def forward(self, x_spatial, x_temporal, image_only_indicator, pattern: str):
         alpha = rearrange(mix_factor_alpha(self.mix_factor, image_only_indicator), pattern).to(x_spatial.dtype)
-        # one fused pass (x_t + alpha (x_s - x_t)) instead of three; equal to float rounding
+        # one fused pass (x_t + alpha (x_s - x_t)) instead of three, equal to float rounding; into x_temporal (the
+        # temporal branch's fresh output) unless broadcasting needs a larger result
+        if x_temporal.shape == torch.broadcast_shapes(x_temporal.shape, x_spatial.shape, alpha.shape):
+            return x_temporal.lerp_(x_spatial, alpha)
         return torch.lerp(x_temporal, x_spatial, alpha)
 
 
@@ -57,8 +60,11 @@ class VideoResBlock(ResBlock):
         x_spatial = rearrange(x, "(b t) c h w -> b c t h w", t=num_frames)
         x_temporal = self.time_stack(x_spatial, rearrange(emb, "(b t) c -> b t c", t=num_frames))
         if self.blend_folded:  # time_stack = x + (1 - alpha) r, (1 - alpha) in its last conv: already the blend,
-            # except for image-only frames (alpha = 1), which keep x; one pass, no data-dependent branch (compile)
-            x = torch.where(rearrange(image_only_indicator.bool(), "b t -> b 1 t 1 1"), x_spatial, x_temporal)
+            # except for image-only frames (alpha = 1), which keep x (SVD's videos have none: no copy then)
+            image_only = image_only_indicator.bool()
+            if image_only.any():
+                x_temporal = torch.where(rearrange(image_only, "b t -> b 1 t 1 1"), x_spatial, x_temporal)
+            x = x_temporal
         else:
             x = self.time_mixer(x_spatial, x_temporal, image_only_indicator, "b t -> b 1 t 1 1")
         return rearrange(x, "b c t h w -> (b t) c h w")
@@ -88,10 +94,11 @@ class BasicTransformerBlock(_TransformerBlock):
 
     def forward(self, x: torch.Tensor, ctx_vec: torch.Tensor) -> torch.Tensor:
         """x: ((b t), h*w, C); ctx_vec: ((b t), C), one per frame."""
-        x = self.attn1(self.norm1(x)) + x
+        # each sum goes into the branch's fresh output (or the previous sum), never into the block's input
+        x = self.attn1(self.norm1(x)).add_(x)
         ctx = ctx_vec[:, None, :].to(x.dtype)
-        x = x + ctx if self.fold else self.attn2(self.norm2(x), ctx) + x
-        return self.ff(self.norm3(x)) + x
+        x = x.add_(ctx) if self.fold else self.attn2(self.norm2(x), ctx).add_(x)
+        return self.ff(self.norm3(x)).add_(x)
 
 
 class VideoTransformerBlock(_TransformerBlock):
@@ -110,16 +117,16 @@ class VideoTransformerBlock(_TransformerBlock):
         frame's query puts on the OTHER frames (1 - the diagonal of the softmax map), over rows, heads and frames."""
         b, s = x.shape[0] // num_frames, x.shape[1]
         x = rearrange(x, "(b t) s c -> (b s) t c", t=num_frames)
-        x = self.ff_in(self.norm_in(x)) + x
+        x = self.ff_in(self.norm_in(x)).add_(x)  # sums into fresh tensors only, as in BasicTransformerBlock
         h = self.norm1(x)
         if stats is not None:
             stats["attention"] = 1.0 - self.attn1.probabilities(h).diagonal(dim1=-2, dim2=-1).mean().item()
-        x = self.attn1(h) + x
+        x = self.attn1(h).add_(x)
         if self.fold:  # frame 0's vector at every position and frame, broadcast without a copy
-            x = (x.view(b, s, num_frames, -1) + ctx_vec.to(x.dtype)[:, None, None, :]).view_as(x)
+            x.view(b, s, num_frames, -1).add_(ctx_vec.to(x.dtype)[:, None, None, :])
         else:  # sgm repeats frame 0's token over the positions and attends to it
-            x = self.attn2(self.norm2(x), ctx_vec.to(x.dtype).repeat_interleave(s, dim=0)[:, None, :]) + x
-        x = self.ff(self.norm3(x)) + x
+            x = self.attn2(self.norm2(x), ctx_vec.to(x.dtype).repeat_interleave(s, dim=0)[:, None, :]).add_(x)
+        x = self.ff(self.norm3(x)).add_(x)
         return rearrange(x, "(b s) t c -> (b t) s c", s=s)
 
 
@@ -181,7 +188,7 @@ class SpatialVideoTransformer(nn.Module):
             x = self.time_mixer(x, x_mix, image_only_indicator, "b t -> (b t) 1 1")
         # contiguous: a channels-last view here would make every later conv re-layout its weights (~15% slower)
         x = rearrange(self.proj_out(x), "n (h w) c -> n c h w", h=h, w=w).contiguous()
-        return x + x_in
+        return x.add_(x_in)
 
 
 class Downsample(nn.Module):

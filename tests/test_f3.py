@@ -70,7 +70,9 @@ def test_recorded_statistics_equal_brute_force():
         block = net.get_submodule(unit)
         hooks.append(block.attn1.register_forward_pre_hook(lambda m, a, u=unit: attn_in.__setitem__(u, a[0])))
         mixer = net.get_submodule(unit.rsplit(".time_stack.", 1)[0]).time_mixer
-        hooks.append(mixer.register_forward_pre_hook(lambda m, a, u=unit: blend_in.__setitem__(u, a[:2])))
+        # copies: the blend writes its result into the temporal branch's output (in place)
+        hooks.append(mixer.register_forward_pre_hook(
+            lambda m, a, u=unit: blend_in.__setitem__(u, [t.clone() for t in a[:2]])))
     record = {}
     try:
         out = net(x, ts, ctx, y, 3, record=record)
