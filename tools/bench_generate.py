@@ -48,7 +48,10 @@ def write_pipeline(folder: Path, width: str, seed: int) -> None:
 
     if width == "full":
         unet = UNetSpatioTemporalConditionModel(num_frames=14)  # diffusers' defaults are SVD's network
-        vae = AutoencoderKLTemporalDecoder()
+        # SVD's vae/config.json (diffusers' defaults are a one-level autoencoder)
+        vae = AutoencoderKLTemporalDecoder(down_block_types=("DownEncoderBlock2D",) * 4,
+                                           block_out_channels=(128, 256, 512, 512), layers_per_block=2,
+                                           latent_channels=4)
         clip = CLIPVisionConfig(hidden_size=1280, intermediate_size=5120, projection_dim=1024, num_hidden_layers=32,
                                 num_attention_heads=16, image_size=224, patch_size=14, hidden_act="gelu",
                                 layer_norm_eps=1e-5)

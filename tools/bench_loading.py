@@ -9,8 +9,8 @@ that performs one load and prints one JSON line. The files are written once from
   svdlite32   the same converted to fp32 (`--dtype fp32`), the file to run a float32 model from.
 diffusers loads only its folder (`UNetSpatioTemporalConditionModel.from_pretrained(variant="fp16")`, with
 `low_cpu_mem_usage` when `accelerate` is installed, as diffusers itself recommends); svdlite loads all four
-(`load_unet`). Every file is read through once before the rounds so it is in the page cache for both sides; the
-cases then alternate, each in its own process. Reported per load: seconds inside the load call (imports
+(`load_unet`). Each load's file is read through just before it (all of them together need not fit in the page
+cache), so every load, on either side, reads a cached file; the cases alternate, each in its own process. Reported per load: seconds inside the load call (imports
 excluded), the process's peak resident memory, its resident memory before the call, and the model's bytes.
 """
 import argparse
@@ -123,6 +123,7 @@ def run_child(side: str, path: Path, dtype: str, threads: int, model_bytes: int,
     while _mem_available() < need:  # other processes hold the memory: wait rather than risk the OOM killer
         log(f"  waiting: {_mem_available() / 2**30:.1f} GiB free, {need / 2**30:.1f} GiB needed")
         time.sleep(10)
+    _read_through(path)  # the files together may not fit in the page cache: this one is in it for this load
     cmd = [sys.executable, __file__, "--child", side, str(path), dtype, "--threads", str(threads)]
     out = subprocess.run(cmd, capture_output=True, text=True, env=_child_env())
     if out.returncode:
@@ -133,8 +134,6 @@ def run_child(side: str, path: Path, dtype: str, threads: int, model_bytes: int,
 def measure_loading(paths: dict[str, Path], dtypes=("fp32", "fp16"), rounds: int = 3, threads: int = 2,
                     params: int = 1_500_000_000, log=print) -> dict:
     """{dtype: {case: {seconds: stats, peak_rss: stats, ...}}, ratios: {dtype: {case: stats}}}; cases alternate."""
-    for p in paths.values():
-        _read_through(p)
     result = {}
     for dtype in dtypes:
         model_bytes = params * DTYPES[dtype].itemsize

@@ -498,6 +498,8 @@ def main(argv=None) -> int:
         import bench_generate
         with tempfile.TemporaryDirectory(prefix="svdlite-bench-gen-", dir=args.workdir) as tmp:
             log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+            if args.json and args.json != "-":  # what is measured so far survives a failure of this part
+                Path(args.json).write_text(json.dumps(result, indent=1))
             result["generate"] = bench_generate.measure_generate(
                 Path(tmp), "tiny" if args.quick else args.generate_width, 1 if args.quick else args.generate_rounds,
                 torch.get_num_threads(), args.seed, log)
