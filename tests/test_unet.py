@@ -155,3 +155,31 @@ def test_blocks_keep_a_contiguous_layout():
     for h in hooks:
         h.remove()
     assert len(outs) == len(list(unet.named_blocks())) and all(o.is_contiguous() for o in outs)
+
+
+@pytest.mark.parametrize("image_only", [False, True])
+def test_forward_changes_none_of_its_inputs(image_only):
+    """The blocks write sums, activations and blends into fresh tensors in place (speed, bit-identical): nothing
+    the caller passes, and no block's saved output (the skip connections, the step cache's features), may change.
+    Checked on a full call, a caching call and a call on cached features, with and without image-only frames."""
+    from svdlite.loading import fold_temporal_blend
+
+    torch.manual_seed(0)
+    unet = fold_temporal_blend(VideoUNet(TINY).eval())
+    x, ts, ctx, y = torch.randn(4, 8, 8, 8), torch.rand(4), torch.randn(4, 1, 24), torch.randn(4, 12)
+    indicator = torch.tensor([[1.0, 0.0], [0.0, 0.0]]) if image_only else None
+    vectors = unet.context_vectors(ctx, 2)
+    inputs = [x, ts, ctx, y] + [t for pairs in vectors.values() for pair in pairs for t in pair]
+    saved = [t.clone() for t in inputs]
+    outs = []
+    hooks = [b.register_forward_hook(lambda m, a, out: outs.append((out, out.clone()))) for _, b in unet.named_blocks()]
+    with torch.no_grad():
+        plain = unet(x, ts, None, y, 2, indicator, vectors)
+        _, features = unet(x, ts, None, y, 2, indicator, vectors, cache_depth=1)
+        kept = features.clone()
+        unet(x, ts, None, y, 2, indicator, vectors, cache_depth=1, cached=features)
+    for h in hooks:
+        h.remove()
+    assert all(torch.equal(a, b) for a, b in zip(inputs, saved))
+    assert torch.equal(features, kept) and outs and all(torch.equal(out, copy) for out, copy in outs)
+    assert torch.equal(plain, unet(x, ts, None, y, 2, indicator, vectors))  # and the same result every time
