@@ -12,7 +12,6 @@ final latents (max |a - b| / max |b|) and uint8 frames (max step).
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -119,7 +118,9 @@ def child(side: str, folder: str, out: str, threads: int, seed: int) -> dict:
         seconds = time.perf_counter() - start
         latents, uint8 = video.latents, video.frames.numpy()  # (T, H, W, 3)
     np.savez(out, latents=latents.float().numpy(), frames=uint8)
-    return {"seconds": seconds, "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    from bench_loading import peak_rss  # this script's folder is on sys.path
+
+    return {"seconds": seconds, "peak_rss": peak_rss()}
 
 
 def _env() -> dict:

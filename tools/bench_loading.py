@@ -31,6 +31,16 @@ CASES = (("diffusers", "diffusers"), ("svdlite", "diffusers"), ("svdlite", "orig
 PEAK_FACTOR = {"diffusers": 1.7, "svdlite": 1.15}  # measured peak / model size, to wait for enough free memory
 
 
+def peak_rss() -> int:
+    """This process's peak resident memory in bytes: VmHWM, which belongs to the process image (reset by exec).
+    (`getrusage().ru_maxrss` is not: Linux carries it over from the forking parent, so a child started by a big
+    benchmark process would report the parent's size.)"""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # no /proc: the best there is
+
+
 def child(side: str, path: str, dtype: str, threads: int) -> dict:
     """One load in this (fresh) process; returns the measurement."""
     torch.set_num_threads(threads)
@@ -38,7 +48,7 @@ def child(side: str, path: str, dtype: str, threads: int) -> dict:
         from diffusers import UNetSpatioTemporalConditionModel
     else:
         from svdlite.loading import load_unet
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    base = peak_rss()
     start = time.perf_counter()
     if side == "diffusers":
         model = UNetSpatioTemporalConditionModel.from_pretrained(path, subfolder="unet", variant="fp16",
@@ -46,7 +56,7 @@ def child(side: str, path: str, dtype: str, threads: int) -> dict:
     else:
         model = load_unet(path, dtype=DTYPES[dtype])
     seconds = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = peak_rss()
     model_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     left = [n for n, t in model.state_dict().items() if t.is_meta or t.dtype != DTYPES[dtype]]
     if left:
