@@ -117,8 +117,9 @@ class TensorSource:
                 n = min(step, out.numel() - i)
                 offset = start + i * stored.itemsize
                 out[i:i + n].copy_(torch.frombuffer(mapped, dtype=stored, count=n, offset=offset))
-                first = offset - offset % mmap.PAGESIZE
-                mapped.madvise(mmap.MADV_DONTNEED, first, offset + n * stored.itemsize - first)
+                if hasattr(mapped, "madvise"):  # POSIX; elsewhere the pages stay mapped until the map closes
+                    first = offset - offset % mmap.PAGESIZE
+                    mapped.madvise(mmap.MADV_DONTNEED, first, offset + n * stored.itemsize - first)
 
     def release_buffer(self) -> None:
         """Unmap the files' read-only maps used for converted reads (the next converted read maps them again)."""
