@@ -219,6 +219,22 @@ class Encoder(nn.Module):
         return self.conv_out(F.silu(self.norm_out(h)))
 
 
+def _up_levels(widths, num_res_blocks: int, block) -> tuple[nn.ModuleList, int]:
+    """The decoders' `up` levels: num_res_blocks + 1 `block(c_in, c_out)` per level and an Upsample on all but the
+    finest, built coarsest first and stored finest first as in sgm (`up.0`); returns them and the final width."""
+    levels, c = [], widths[-1]
+    for level in reversed(range(len(widths))):
+        blocks = nn.ModuleList()
+        for _ in range(num_res_blocks + 1):
+            blocks.append(block(c, widths[level]))
+            c = widths[level]
+        level_module = _container(block=blocks)
+        if level != 0:
+            level_module.upsample = Upsample(c)
+        levels.insert(0, level_module)
+    return nn.ModuleList(levels), c
+
+
 class VideoDecoder(nn.Module):
     """sgm `temporal_ae.VideoDecoder` (time_mode "conv-only"): latents ((b t), z, h, w) -> frames ((b t), 3, f*h, f*w).
 
@@ -232,17 +248,7 @@ class VideoDecoder(nn.Module):
         c = widths[-1]
         self.conv_in = nn.Conv2d(cfg.z_channels, c, 3, padding=1)
         self.mid = _container(block_1=VideoResBlock(c, c, vks), attn_1=AttnBlock(c), block_2=VideoResBlock(c, c, vks))
-        levels = []
-        for level in reversed(range(len(widths))):  # built coarsest first, stored finest first as in sgm (`up.0`)
-            blocks = nn.ModuleList()
-            for _ in range(cfg.num_res_blocks + 1):
-                blocks.append(VideoResBlock(c, widths[level], vks))
-                c = widths[level]
-            level_module = _container(block=blocks)
-            if level != 0:
-                level_module.upsample = Upsample(c)
-            levels.insert(0, level_module)
-        self.up = nn.ModuleList(levels)
+        self.up, c = _up_levels(widths, cfg.num_res_blocks, lambda c_in, c_out: VideoResBlock(c_in, c_out, vks))
         self.norm_out = _norm(c)
         self.conv_out = AE3DConv(c, cfg.out_ch, vks)
 
@@ -273,17 +279,7 @@ class Decoder(nn.Module):
         c = widths[-1]
         self.conv_in = nn.Conv2d(cfg.z_channels, c, 3, padding=1)
         self.mid = _container(block_1=ResnetBlock(c, c), attn_1=AttnBlock(c), block_2=ResnetBlock(c, c))
-        levels = []
-        for level in reversed(range(len(widths))):  # built coarsest first, stored finest first as in sgm (`up.0`)
-            blocks = nn.ModuleList()
-            for _ in range(cfg.num_res_blocks + 1):
-                blocks.append(ResnetBlock(c, widths[level]))
-                c = widths[level]
-            level_module = _container(block=blocks)
-            if level != 0:
-                level_module.upsample = Upsample(c)
-            levels.insert(0, level_module)
-        self.up = nn.ModuleList(levels)
+        self.up, c = _up_levels(widths, cfg.num_res_blocks, ResnetBlock)
         self.norm_out = _norm(c)
         self.conv_out = nn.Conv2d(c, cfg.out_ch, 3, padding=1)
 
