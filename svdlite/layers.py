@@ -75,14 +75,19 @@ class ResBlock(nn.Module):
                                         conv_nd(dims, out_channels, out_channels, kernel_size))
         self.skip_connection = nn.Identity() if out_channels == channels else conv_nd(dims, channels, out_channels, 1)
 
-    def forward(self, x: torch.Tensor, emb: torch.Tensor | None = None) -> torch.Tensor:
+    def branch(self, x: torch.Tensor, emb: torch.Tensor | None = None) -> torch.Tensor:
+        """The residual branch out_layers(in_layers(x) + emb) alone, a fresh tensor: forward adds the skip to it;
+        the video blocks add it into their own spatial output instead, which keeps that output's layout."""
         h = self.in_layers(x)
         if not self.skip_t_emb:
             e = self.emb_layers(emb).type(h.dtype)
             if self.exchange_temb_dims:
                 e = rearrange(e, "b t c -> b c t")
             h += e.reshape(*e.shape, *([1] * (h.ndim - e.ndim)))  # h is the conv's fresh output: in place
-        return self.out_layers(h).add_(self.skip_connection(x))
+        return self.out_layers(h)
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor | None = None) -> torch.Tensor:
+        return self.branch(x, emb).add_(self.skip_connection(x))
 
 
 class GEGLU(nn.Module):

@@ -92,11 +92,10 @@ class ResnetBlock(nn.Module):
             self.nin_shortcut = nn.Conv2d(c_in, c_out, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = self.conv2(F.silu(self.norm2(h)))  # dropout (p=0) between norm2 and conv2 in the original
-        if hasattr(self, "nin_shortcut"):
-            x = self.nin_shortcut(x)
-        return x + h
+        # SiLU and the sum in place on fresh tensors (the norms' and conv2's outputs); x itself is never written
+        h = self.conv1(F.silu(self.norm1(x), inplace=True))
+        h = self.conv2(F.silu(self.norm2(h), inplace=True))  # dropout (p=0) between norm2 and conv2 in the original
+        return h.add_(self.nin_shortcut(x) if hasattr(self, "nin_shortcut") else x)
 
 
 class VideoResBlock(ResnetBlock):
@@ -113,10 +112,13 @@ class VideoResBlock(ResnetBlock):
         self.mix_factor = nn.Parameter(torch.zeros(1))  # sgm's init (alpha 0.0); the checkpoint overwrites it
 
     def forward(self, x: torch.Tensor, num_frames: int) -> torch.Tensor:
-        x = rearrange(super().forward(x), "(b t) c h w -> b c t h w", t=num_frames)
-        alpha = torch.sigmoid(self.mix_factor)
-        x = alpha * self.time_stack(x) + (1.0 - alpha) * x
-        return rearrange(x, "b c t h w -> (b t) c h w")
+        x = super().forward(x)  # a fresh (b t) c h w tensor
+        x_spatial = rearrange(x, "(b t) c h w -> b c t h w", t=num_frames)  # a view of it
+        # alpha (x + r) + (1 - alpha) x = x + alpha r, alpha one number per layer: one pass, into x's own memory,
+        # so the result stays (b t) c h w contiguous (no copy back, plain layout for the next convs)
+        alpha = torch.sigmoid(self.mix_factor.float()).item()
+        x_spatial.add_(self.time_stack.branch(x_spatial), alpha=alpha)
+        return x
 
 
 class AttnBlock(nn.Module):
@@ -136,7 +138,7 @@ class AttnBlock(nn.Module):
         # one head of width C, scale C**-0.5
         q, k, v = (rearrange(f(h), "b c h w -> b 1 (h w) c") for f in (self.q, self.k, self.v))
         h = rearrange(attention(q, k, v), "b 1 (h w) c -> b c h w", h=height, w=width)
-        return x + self.proj_out(h)
+        return self.proj_out(h).add_(x)
 
 
 class Downsample(nn.Module):
@@ -216,7 +218,7 @@ class Encoder(nn.Module):
             if hasattr(level, "downsample"):
                 h = level.downsample(h)
         h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))
-        return self.conv_out(F.silu(self.norm_out(h)))
+        return self.conv_out(F.silu(self.norm_out(h), inplace=True))
 
 
 def _up_levels(widths, num_res_blocks: int, block) -> tuple[nn.ModuleList, int]:
@@ -265,7 +267,7 @@ class VideoDecoder(nn.Module):
                 h = block(h, num_frames)
             if hasattr(level, "upsample"):
                 h = level.upsample(h)
-        return self.conv_out(F.silu(self.norm_out(h)), num_frames)
+        return self.conv_out(F.silu(self.norm_out(h), inplace=True), num_frames)
 
 
 class Decoder(nn.Module):
@@ -290,7 +292,7 @@ class Decoder(nn.Module):
                 h = block(h)
             if hasattr(level, "upsample"):
                 h = level.upsample(h)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        return self.conv_out(F.silu(self.norm_out(h), inplace=True))
 
 
 class FrameDecoder(nn.Module):
