@@ -8,6 +8,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from .layers import Linear
+
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """softmax(q k^T / sqrt(d)) v over (batch, heads, tokens, d) through torch's fused kernel."""
@@ -32,10 +34,10 @@ class SelfAttention(nn.Module):
         super().__init__()
         inner = heads * dim_head
         self.heads = heads
-        self.to_q = nn.Linear(dim, inner, bias=False)
-        self.to_k = nn.Linear(dim, inner, bias=False)
-        self.to_v = nn.Linear(dim, inner, bias=False)
-        self.to_out = nn.Sequential(nn.Linear(inner, dim))  # `to_out.1` was dropout
+        self.to_q = Linear(dim, inner, bias=False)
+        self.to_k = Linear(dim, inner, bias=False)
+        self.to_v = Linear(dim, inner, bias=False)
+        self.to_out = nn.Sequential(Linear(inner, dim))  # `to_out.1` was dropout
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q, k, v = (rearrange(f(x), "b n (h d) -> b h n d", h=self.heads) for f in (self.to_q, self.to_k, self.to_v))
@@ -53,8 +55,8 @@ class CrossAttention(SelfAttention):
 
     def __init__(self, dim: int, context_dim: int, heads: int, dim_head: int):
         super().__init__(dim, heads, dim_head)
-        self.to_k = nn.Linear(context_dim, heads * dim_head, bias=False)
-        self.to_v = nn.Linear(context_dim, heads * dim_head, bias=False)
+        self.to_k = Linear(context_dim, heads * dim_head, bias=False)
+        self.to_v = Linear(context_dim, heads * dim_head, bias=False)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         q = rearrange(self.to_q(x), "b n (h d) -> b h n d", h=self.heads)

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .layers import GroupNorm32, conv_nd, timestep_embedding
+from .layers import GroupNorm32, Linear, conv_nd, timestep_embedding
 from .unet_blocks import (Downsample, SpatialVideoTransformer, TimestepEmbedSequential, Upsample, VideoResBlock,
                           VideoTransformerBlock)
 
@@ -118,9 +118,9 @@ class VideoUNet(nn.Module):
         self.config = cfg = config
         self.fold_cross_attention = fold_cross_attention
         mc, ted = cfg.model_channels, cfg.time_embed_dim
-        self.time_embed = nn.Sequential(nn.Linear(mc, ted), nn.SiLU(), nn.Linear(ted, ted))
+        self.time_embed = nn.Sequential(Linear(mc, ted), nn.SiLU(), Linear(ted, ted))
         # `label_emb.0` is sgm's Sequential around the MLP ("sequential" class conditioning)
-        self.label_emb = nn.Sequential(nn.Sequential(nn.Linear(cfg.adm_in_channels, ted), nn.SiLU(), nn.Linear(ted, ted)))
+        self.label_emb = nn.Sequential(nn.Sequential(Linear(cfg.adm_in_channels, ted), nn.SiLU(), Linear(ted, ted)))
 
         def res(c_in, c_out):
             return VideoResBlock(c_in, ted, c_out, video_kernel_size=cfg.video_kernel_size)

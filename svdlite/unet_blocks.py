@@ -18,7 +18,7 @@ from einops import rearrange
 from torch import nn
 
 from .attention import CrossAttention, SelfAttention
-from .layers import FeedForward, GroupNorm32, ResBlock, UpcastGroupNorm, conv_nd, timestep_embedding
+from .layers import FeedForward, GroupNorm32, Linear, ResBlock, UpcastGroupNorm, conv_nd, timestep_embedding
 
 
 def mix_factor_alpha(mix_factor: torch.Tensor, image_only_indicator: torch.Tensor) -> torch.Tensor:
@@ -78,7 +78,7 @@ class _TransformerBlock(nn.Module):
         self.fold = fold
         self.attn1 = SelfAttention(dim, heads, dim_head)
         if fold:
-            self.attn2_fold = nn.Linear(context_dim, dim)  # W_out W_v and b_out of the original attn2
+            self.attn2_fold = Linear(context_dim, dim)  # W_out W_v and b_out of the original attn2
         else:
             self.attn2 = CrossAttention(dim, context_dim, heads, dim_head)
         self.ff = FeedForward(dim)
@@ -143,14 +143,14 @@ class SpatialVideoTransformer(nn.Module):
         spatial_fold, temporal_fold = fold is True, fold is not False
         inner = heads * dim_head
         self.norm = UpcastGroupNorm(32, channels, eps=1e-6)
-        self.proj_in = nn.Linear(channels, inner)
+        self.proj_in = Linear(channels, inner)
         self.transformer_blocks = nn.ModuleList(
             BasicTransformerBlock(inner, heads, dim_head, context_dim, spatial_fold) for _ in range(depth))
         self.time_stack = nn.ModuleList(
             VideoTransformerBlock(inner, heads, dim_head, context_dim, temporal_fold) for _ in range(depth))
-        self.time_pos_embed = nn.Sequential(nn.Linear(channels, 4 * channels), nn.SiLU(), nn.Linear(4 * channels, channels))
+        self.time_pos_embed = nn.Sequential(Linear(channels, 4 * channels), nn.SiLU(), Linear(4 * channels, channels))
         self.time_mixer = AlphaBlender()
-        self.proj_out = nn.Linear(inner, channels)
+        self.proj_out = Linear(inner, channels)
 
     def context_vectors(self, context: torch.Tensor, num_frames: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per depth: (spatial vector ((b t), C) from each frame's token, temporal vector (b, C) from frame 0's)."""

@@ -116,8 +116,8 @@ class VideoResBlock(ResnetBlock):
         x_spatial = rearrange(x, "(b t) c h w -> b c t h w", t=num_frames)  # a view of it
         # alpha (x + r) + (1 - alpha) x = x + alpha r, alpha one number per layer: one pass, into x's own memory,
         # so the result stays (b t) c h w contiguous (no copy back, plain layout for the next convs)
-        alpha = torch.sigmoid(self.mix_factor.float()).item()
-        x_spatial.add_(self.time_stack.branch(x_spatial), alpha=alpha)
+        alpha = torch.sigmoid(self.mix_factor).to(x.dtype)
+        x_spatial.addcmul_(self.time_stack.branch(x_spatial), alpha)
         return x
 
 
