@@ -37,10 +37,11 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     i.e. row-major (rows, N)). Other dtypes and devices take F.linear."""
     k = x.shape[-1]
     rows = x.numel() // k if k else 0
-    if x.device.type != "cpu" or x.dtype != torch.float32 or rows < CONV_LINEAR_MIN_ROWS:
+    if (x.device.type != "cpu" or x.dtype != torch.float32 or rows < CONV_LINEAR_MIN_ROWS
+            or not torch.backends.mkldnn.is_available() or not torch.backends.mkldnn.enabled):
         return F.linear(x, weight, bias)
     image = x.reshape(1, rows, 1, k).permute(0, 3, 1, 2)
-    out = F.conv2d(image, weight.view(*weight.shape, 1, 1), bias)
+    out = F.conv2d(image, weight[:, :, None, None], bias)
     return out.permute(0, 2, 3, 1).reshape(*x.shape[:-1], weight.shape[0])
 
 
@@ -147,8 +148,8 @@ class FeedForward(nn.Module):
         rows = max(1, FF_CHUNK_BYTES // (self.net[0].proj.out_features * x.element_size()))
         if x.device.type != "cpu" or x.ndim < 2 or x[..., 0].numel() <= rows:
             return self.net(x)
-        # token rows in chunks: each chunk's (rows, 8 dim) GEGLU input stays small enough for the allocator to reuse
-        # (no fresh pages per call) and for the cache to hold between the two products; rows are independent
+        # token rows in chunks: each chunk's (rows, 8 dim) GEGLU projection stays small enough for the allocator to
+        # reuse (no fresh pages per call) and for the cache to hold between the two products; rows are independent
         flat = x.reshape(-1, x.shape[-1])
         out = torch.cat([self.net(flat[start:start + rows]) for start in range(0, flat.shape[0], rows)])
         return out.view(*x.shape[:-1], out.shape[-1])
