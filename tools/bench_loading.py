@@ -10,8 +10,9 @@ that performs one load and prints one JSON line. The files are written once from
 diffusers loads only its folder (`UNetSpatioTemporalConditionModel.from_pretrained(variant="fp16")`, with
 `low_cpu_mem_usage` when `accelerate` is installed, as diffusers itself recommends); svdlite loads all four
 (`load_unet`). Each load's file is read through just before it (all of them together need not fit in the page
-cache), so every load, on either side, reads a cached file; the cases alternate, each in its own process. Reported per load: seconds inside the load call (imports
-excluded), the process's peak resident memory, its resident memory before the call, and the model's bytes.
+cache), so every load, on either side, reads a cached file; the cases alternate, each in its own process.
+Reported per load: seconds inside the load call (imports excluded), the process's peak resident memory, its
+resident memory before the call, and the model's bytes.
 """
 import argparse
 import json
