@@ -37,9 +37,10 @@ SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.f
                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
                       "BOOL": torch.bool}
 READ_BUFFER_BYTES = 32 << 20  # converted reads go piecewise: at most this much of a file is mapped at once
-# Tensors are used in place from the file's memory map only at this alignment (that of torch's own allocations):
-# CPU kernels round differently on differently aligned data, so one network loaded from files with different
-# layouts would otherwise give outputs that differ in the last bits.
+# svdlite writes its files with every tensor at this alignment (that of torch's own allocations). Tensors of other
+# files are used in place from the memory map at whatever alignment they have (safetensors guarantees only the
+# element's): the outputs are the same to the bit (tests/test_loading.py), and copying them costs a second
+# checkpoint's worth of fresh memory.
 ALIGNMENT = 64
 
 
@@ -76,8 +77,9 @@ class TensorSource:
     def get(self, key: str, dtype: torch.dtype | None = None, device="cpu") -> torch.Tensor:
         """Read one tensor (recorded in `reads`) as `dtype` (default: the file's) on `device`.
 
-        In the file's dtype on the CPU and 64-byte aligned in the file it is the file's memory map (no copy);
-        otherwise it is converted once, in pieces of READ_BUFFER_BYTES, into a new tensor of `dtype` on `device`."""
+        In the file's dtype on the CPU it is the file's memory map (no copy; a private map: writing to it copies
+        the pages written, never the file); otherwise it is converted once, in pieces of READ_BUFFER_BYTES, into a
+        new tensor of `dtype` on `device`."""
         self.reads.append(key)
         file = self.key_file[key]
         name, shape, start, end = self._layout[key]
@@ -86,10 +88,8 @@ class TensorSource:
             if stored is None:
                 return self._handles[file].get_tensor(key).to(device=device, dtype=dtype)
             dtype = stored if dtype is None else dtype
-            if dtype == stored and torch.device(device).type == "cpu" and start % ALIGNMENT == 0:
-                mapped = self._handles[file].get_tensor(key)
-                if mapped.data_ptr() % ALIGNMENT == 0:
-                    return mapped
+            if dtype == stored and torch.device(device).type == "cpu":
+                return self._handles[file].get_tensor(key)
             out = torch.empty(shape, dtype=dtype, device=device)
             self._read_converted(file, stored, start, end, out.view(-1))
             return out

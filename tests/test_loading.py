@@ -13,7 +13,8 @@ from svdlite.convert import save_aligned
 from svdlite.loading import ALIGNMENT, TensorSource, fold_matmul, load_unet
 from svdlite.testing import random_tensors
 
-from helpers import TINY, write_original_unet
+from helpers import TINY, original_unet_shapes, write_original_unet
+from svdlite.unet_keymap import ORIGINAL_PREFIX
 
 
 def test_float32_fold_error_against_float64():
@@ -36,23 +37,52 @@ def test_converted_reads_equal_a_cast_in_small_pieces(tmp_path, monkeypatch, dty
     for key, ref in load_file(str(tmp_path / "x.safetensors")).items():
         got = src.get(key, dtype)
         assert got.dtype == dtype and torch.equal(got, ref.to(dtype)), key
-        assert got.data_ptr() % ALIGNMENT == 0
+        if dtype != torch.float16:  # converted into a fresh tensor (fp16 to fp16 is the map in place, below)
+            assert got.data_ptr() % ALIGNMENT == 0 and got.untyped_storage().nbytes() == ref.numel() * dtype.itemsize
     assert src.reads == list(load_file(str(tmp_path / "x.safetensors")))
 
 
-def test_same_dtype_uses_the_aligned_memory_map_in_place(tmp_path):
+def test_same_dtype_uses_the_memory_map_in_place_at_any_alignment(tmp_path):
     tensors = random_tensors({"w": (64, 32), "odd": (3,), "v": (128,)}, seed=2, dtype=torch.float16)
     save_aligned(tensors, tmp_path / "a.safetensors", {"format": "test"})
+    save_file({"a_pad": torch.zeros(1, dtype=torch.float16), **tensors}, str(tmp_path / "b.safetensors"))
     assert load_file(str(tmp_path / "a.safetensors")).keys() == tensors.keys()  # a valid safetensors file
-    src = TensorSource([tmp_path / "a.safetensors"])
-    assert src.metadata == {"format": "test"}
-    for key, ref in tensors.items():
-        got = src.get(key, torch.float16)
-        assert torch.equal(got, ref)
-        if ref.nbytes % ALIGNMENT == 0:  # laid out first, at 64-byte boundaries: used in place (a file mapping)
-            assert got.data_ptr() % ALIGNMENT == 0 and got.untyped_storage().nbytes() == ref.nbytes
-    _, _, start, _ = src._layout["w"]
-    assert start % ALIGNMENT == 0
+    aligned, unaligned = TensorSource([tmp_path / "a.safetensors"]), TensorSource([tmp_path / "b.safetensors"])
+    assert aligned.metadata == {"format": "test"}
+    for src in aligned, unaligned:
+        for key, ref in tensors.items():
+            got = src.get(key, torch.float16)
+            assert torch.equal(got, ref)
+            assert got.untyped_storage().nbytes() == ref.nbytes  # the file's bytes (a fresh copy would be aligned)
+            _, _, start, _ = src._layout[key]
+            assert got.data_ptr() % ALIGNMENT == start % ALIGNMENT
+    assert aligned._layout["w"][2] % ALIGNMENT == 0  # svdlite's writer: 64-byte aligned
+    assert unaligned._layout["w"][2] % ALIGNMENT != 0  # safetensors': after the 2-byte pad, 2-byte aligned
+    got = unaligned.get("w", torch.float16)
+    got.mul_(2)  # a private map: writing copies the page, the file and a fresh read keep the stored values
+    assert torch.equal(TensorSource([tmp_path / "b.safetensors"]).get("w", torch.float16), tensors["w"])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_unaligned_weights_give_the_same_output_to_the_bit(tmp_path, dtype):
+    """One network from two files: svdlite's 64-byte aligned layout, and safetensors' own shifted by a 2- or
+    4-byte pad so that almost no tensor is 64-byte aligned, both used in place: the outputs are bit-identical (the
+    CPU kernels do not round differently on differently aligned weights), so mapping any file in place is exact."""
+    tensors = {ORIGINAL_PREFIX + k: v for k, v in
+               random_tensors(original_unet_shapes(TINY), seed=6, dtype=dtype).items()}
+    save_aligned(tensors, tmp_path / "aligned.safetensors", {})
+    save_file({"a_pad": torch.zeros(1, dtype=dtype), **tensors}, str(tmp_path / "shifted.safetensors"))
+    aligned = load_unet(tmp_path / "aligned.safetensors", TINY, dtype=dtype)
+    shifted = load_unet(tmp_path / "shifted.safetensors", TINY, dtype=dtype)
+    state = shifted.state_dict()
+    assert sum(t.data_ptr() % ALIGNMENT != 0 for t in state.values()) > len(state) // 2
+    g = torch.Generator().manual_seed(7)
+    frames = 3
+    args = (torch.randn(2 * frames, TINY.in_channels, 8, 8, generator=g).to(dtype), torch.full((2 * frames,), 0.4),
+            torch.randn(2 * frames, 1, TINY.context_dim, generator=g).to(dtype),
+            torch.randn(2 * frames, TINY.adm_in_channels, generator=g).to(dtype), frames)
+    with torch.no_grad():
+        assert torch.equal(aligned(*args), shifted(*args))
 
 
 def test_unet_state_is_read_once_per_tensor_and_equal_across_dtypes(tmp_path):

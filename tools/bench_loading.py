@@ -8,7 +8,7 @@ that performs one load and prints one JSON line. The files are written once from
   svdlite     svdlite's converted file from the original one (tools/convert_weights.py, fp16);
   svdlite32   the same converted to fp32 (`--dtype fp32`), the file to run a float32 model from.
 diffusers loads only its folder (`UNetSpatioTemporalConditionModel.from_pretrained(variant="fp16")`, with
-`low_cpu_mem_usage` when `accelerate` is installed, as diffusers itself recommends); svdlite loads all four
+`low_cpu_mem_usage`, which needs `accelerate`: the `bench` extra); svdlite loads all four
 (`load_unet`). Each load's file is read through just before it (all of them together need not fit in the page
 cache), so every load, on either side, reads a cached file; the cases alternate, each in its own process.
 Reported per load: seconds inside the load call (imports excluded), the process's peak resident memory, its
@@ -53,7 +53,7 @@ def child(side: str, path: str, dtype: str, threads: int) -> dict:
     start = time.perf_counter()
     if side == "diffusers":
         model = UNetSpatioTemporalConditionModel.from_pretrained(path, subfolder="unet", variant="fp16",
-                                                                 torch_dtype=DTYPES[dtype])
+                                                                 torch_dtype=DTYPES[dtype], low_cpu_mem_usage=True)
     else:
         model = load_unet(path, dtype=DTYPES[dtype])
     seconds = time.perf_counter() - start

@@ -42,6 +42,7 @@ then the diffusers copy is freed and the unfolded one loaded for svdlite vs unfo
 """
 import argparse
 import gc
+import importlib.util
 import json
 import math
 import os
@@ -471,6 +472,9 @@ def main(argv=None) -> int:
     parts = set(args.parts.split(","))
     if not parts or parts - {"unet", "loading", "generate"}:
         parser.error(f"--parts takes unet, loading and/or generate, got {args.parts!r}")
+    if "loading" in parts and importlib.util.find_spec("accelerate") is None:
+        parser.error("--parts loading compares against diffusers' recommended loader, which needs accelerate "
+                     "(low_cpu_mem_usage): pip install -e '.[bench]'")
     result = {"threads": torch.get_num_threads(), "torch": torch.__version__, "load_average_start": _loadavg(),
               "sizes": [], "equality": {"passed": True}}
     if "unet" in parts:
