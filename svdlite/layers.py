@@ -45,14 +45,42 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return out.permute(0, 2, 3, 1).reshape(*x.shape[:-1], weight.shape[0])
 
 
-class Linear(nn.Linear):
+class SkipMetaInit:
+    """Mixin for torch layers: `reset_parameters` does nothing while the layer's parameters are on the meta device.
+
+    Models are built on the meta device only to be loaded (`load_state_dict(assign=True)` replaces every tensor),
+    and initialising meta tensors, each op through torch's device mode, cost 0.06-0.15 s of building the UNet
+    (0.04 s without it; docs/SPEED.md). On a real device the layer initialises exactly as its torch class."""
+
+    def reset_parameters(self) -> None:
+        if not any(p.is_meta for p in self.parameters(recurse=False)):
+            super().reset_parameters()
+
+
+class Linear(SkipMetaInit, nn.Linear):
     """nn.Linear (same parameters, keys and initialisation) computed by `linear`."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(x, self.weight, self.bias)
 
 
-class GroupNorm32(nn.GroupNorm):
+class Conv2d(SkipMetaInit, nn.Conv2d):
+    """nn.Conv2d, not initialised on the meta device (`SkipMetaInit`)."""
+
+
+class Conv3d(SkipMetaInit, nn.Conv3d):
+    """nn.Conv3d, not initialised on the meta device (`SkipMetaInit`)."""
+
+
+class GroupNorm(SkipMetaInit, nn.GroupNorm):
+    """nn.GroupNorm, not initialised on the meta device (`SkipMetaInit`)."""
+
+
+class LayerNorm(SkipMetaInit, nn.LayerNorm):
+    """nn.LayerNorm, not initialised on the meta device (`SkipMetaInit`)."""
+
+
+class GroupNorm32(GroupNorm):
     """sgm `GroupNorm32`: 32 groups, eps 1e-5, computed in float32 whatever the input dtype."""
 
     def __init__(self, num_channels: int, eps: float = 1e-5):
@@ -62,7 +90,7 @@ class GroupNorm32(nn.GroupNorm):
         return F.group_norm(x.float(), self.num_groups, self.weight.float(), self.bias.float(), self.eps).type(x.dtype)
 
 
-class UpcastGroupNorm(nn.GroupNorm):
+class UpcastGroupNorm(GroupNorm):
     """sgm's plain `GroupNorm` as it runs under its fp16 autocast: half-precision input is normalised in float32
     (autocast's fp32 list has group_norm); float32 and float64 input run unchanged."""
 
@@ -78,7 +106,7 @@ def conv_nd(dims: int, c_in: int, c_out: int, kernel_size, **kwargs) -> nn.Modul
     if isinstance(kernel_size, int):
         kernel_size = (kernel_size,) * dims
     padding = tuple(k // 2 for k in kernel_size)
-    cls = {2: nn.Conv2d, 3: nn.Conv3d}[dims]
+    cls = {2: Conv2d, 3: Conv3d}[dims]
     return cls(c_in, c_out, kernel_size, padding=padding, **kwargs)
 
 

@@ -68,11 +68,11 @@ class TensorSource:
         return set(self.key_file)
 
     def shape(self, key: str) -> tuple[int, ...]:
-        return tuple(self._handles[self.key_file[key]].get_slice(key).get_shape())
+        return self._layout[key][1]
 
     def dtype(self, key: str) -> str:
         """The stored dtype, as safetensors names it (F32, F16, BF16, I64, ...)."""
-        return self._handles[self.key_file[key]].get_slice(key).get_dtype()
+        return self._layout[key][0]
 
     def get(self, key: str, dtype: torch.dtype | None = None, device="cpu") -> torch.Tensor:
         """Read one tensor (recorded in `reads`) as `dtype` (default: the file's) on `device`.
@@ -290,11 +290,27 @@ def load_planned(model: nn.Module, src: TensorSource, plan: dict[str, Entry], *,
         else:
             state[key] = entry.combine(*(src.get(s, work, device) for s in entry.sources)).to(dtype)
     src.release_buffer()
-    model.load_state_dict(state, strict=True, assign=True)
+    assign_state(model, state)
     left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if left:
         raise CheckpointError(f"{label}: tensors left unloaded: {_fmt_keys(left)}")
     return model.eval().requires_grad_(False)
+
+
+def assign_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Make each tensor of `state` the model's parameter or buffer of that name, as `load_state_dict(state,
+    strict=True, assign=True)` does once keys and shapes are checked (`load_planned` checks them first): one pass over
+    the keys instead of torch's walk of every module with every key (0.04-0.08 s of a 0.15 s UNet load)."""
+    modules = dict(model.named_modules())
+    for key, value in state.items():
+        owner, _, leaf = key.rpartition(".")
+        module = modules[owner]
+        if leaf in module._parameters:
+            module.register_parameter(leaf, nn.Parameter(value, requires_grad=False))
+        elif leaf in module._buffers and leaf not in module._non_persistent_buffers_set:
+            module.register_buffer(leaf, value)
+        else:
+            raise AssertionError(f"{key} is neither a parameter nor a saved buffer of the model")
 
 
 def unet_plan(fmt: str, config: UNetConfig, expected) -> dict[str, Entry]:

@@ -18,7 +18,8 @@ from einops import rearrange
 from torch import nn
 
 from .attention import CrossAttention, SelfAttention
-from .layers import FeedForward, GroupNorm32, Linear, ResBlock, UpcastGroupNorm, conv_nd, timestep_embedding
+from .layers import (Conv2d, FeedForward, GroupNorm32, LayerNorm, Linear, ResBlock, UpcastGroupNorm, conv_nd,
+                     timestep_embedding)
 
 
 def mix_factor_alpha(mix_factor: torch.Tensor, image_only_indicator: torch.Tensor) -> torch.Tensor:
@@ -82,7 +83,7 @@ class _TransformerBlock(nn.Module):
         else:
             self.attn2 = CrossAttention(dim, context_dim, heads, dim_head)
         self.ff = FeedForward(dim)
-        self.norm1, self.norm2, self.norm3 = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.norm1, self.norm2, self.norm3 = LayerNorm(dim), LayerNorm(dim), LayerNorm(dim)
 
     def context_vector(self, token: torch.Tensor) -> torch.Tensor:
         """attn2's output for a single context token: (n, context_dim) -> (n, dim); the token itself unfolded."""
@@ -106,7 +107,7 @@ class VideoTransformerBlock(_TransformerBlock):
 
     def __init__(self, dim: int, heads: int, dim_head: int, context_dim: int, fold: bool = True):
         super().__init__(dim, heads, dim_head, context_dim, fold)
-        self.norm_in = nn.LayerNorm(dim)
+        self.norm_in = LayerNorm(dim)
         self.ff_in = FeedForward(dim)
 
     def forward(self, x: torch.Tensor, ctx_vec: torch.Tensor, num_frames: int, stats: dict | None = None
@@ -196,7 +197,7 @@ class Downsample(nn.Module):
 
     def __init__(self, channels: int):
         super().__init__()
-        self.op = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+        self.op = Conv2d(channels, channels, 3, stride=2, padding=1)
 
     def forward(self, x):
         return self.op(x)

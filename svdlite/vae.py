@@ -17,7 +17,7 @@ from einops import rearrange
 from torch import nn
 
 from .attention import attention
-from .layers import ResBlock
+from .layers import Conv2d, Conv3d, GroupNorm, ResBlock
 
 
 @dataclass(frozen=True)
@@ -76,7 +76,7 @@ class VAEConfig:
 
 def _norm(channels: int) -> nn.GroupNorm:
     """sgm `Normalize`: GroupNorm(32 groups, eps 1e-6), plain torch (no fp32 upcast, unlike GroupNorm32)."""
-    return nn.GroupNorm(32, channels, eps=1e-6)
+    return GroupNorm(32, channels, eps=1e-6)
 
 
 class ResnetBlock(nn.Module):
@@ -85,11 +85,11 @@ class ResnetBlock(nn.Module):
     def __init__(self, c_in: int, c_out: int):
         super().__init__()
         self.norm1 = _norm(c_in)
-        self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1)
+        self.conv1 = Conv2d(c_in, c_out, 3, padding=1)
         self.norm2 = _norm(c_out)
-        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1)
+        self.conv2 = Conv2d(c_out, c_out, 3, padding=1)
         if c_in != c_out:
-            self.nin_shortcut = nn.Conv2d(c_in, c_out, 1)
+            self.nin_shortcut = Conv2d(c_in, c_out, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # SiLU and the sum in place on fresh tensors (the norms' and conv2's outputs); x itself is never written
@@ -127,10 +127,10 @@ class AttnBlock(nn.Module):
     def __init__(self, channels: int):
         super().__init__()
         self.norm = _norm(channels)
-        self.q = nn.Conv2d(channels, channels, 1)
-        self.k = nn.Conv2d(channels, channels, 1)
-        self.v = nn.Conv2d(channels, channels, 1)
-        self.proj_out = nn.Conv2d(channels, channels, 1)
+        self.q = Conv2d(channels, channels, 1)
+        self.k = Conv2d(channels, channels, 1)
+        self.v = Conv2d(channels, channels, 1)
+        self.proj_out = Conv2d(channels, channels, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.norm(x)
@@ -146,7 +146,7 @@ class Downsample(nn.Module):
 
     def __init__(self, channels: int):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, stride=2)
+        self.conv = Conv2d(channels, channels, 3, stride=2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(F.pad(x, (0, 1, 0, 1)))  # asymmetric, unlike the UNet's padding=1
@@ -157,19 +157,19 @@ class Upsample(nn.Module):
 
     def __init__(self, channels: int):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv = Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
-class AE3DConv(nn.Conv2d):
+class AE3DConv(Conv2d):
     """sgm `temporal_ae.AE3DConv`: a 2-D conv whose output is replaced by a Conv3d over frames (`time_mix_conv`)."""
 
     def __init__(self, c_in: int, c_out: int, video_kernel_size: tuple[int, ...]):
         super().__init__(c_in, c_out, 3, padding=1)
         padding = tuple(k // 2 for k in video_kernel_size)
-        self.time_mix_conv = nn.Conv3d(c_out, c_out, video_kernel_size, padding=padding)
+        self.time_mix_conv = Conv3d(c_out, c_out, video_kernel_size, padding=padding)
 
     def forward(self, x: torch.Tensor, num_frames: int) -> torch.Tensor:
         x = rearrange(super().forward(x), "(b t) c h w -> b c t h w", t=num_frames)
@@ -193,7 +193,7 @@ class Encoder(nn.Module):
     def __init__(self, config: VAEConfig = VAEConfig()):
         super().__init__()
         cfg, widths = config, config.widths
-        self.conv_in = nn.Conv2d(cfg.in_channels, cfg.ch, 3, padding=1)
+        self.conv_in = Conv2d(cfg.in_channels, cfg.ch, 3, padding=1)
         self.down = nn.ModuleList()
         c = cfg.ch
         for level, width in enumerate(widths):
@@ -208,7 +208,7 @@ class Encoder(nn.Module):
             self.down.append(level_module)
         self.mid = _container(block_1=ResnetBlock(c, c), attn_1=AttnBlock(c), block_2=ResnetBlock(c, c))
         self.norm_out = _norm(c)
-        self.conv_out = nn.Conv2d(c, 2 * cfg.z_channels, 3, padding=1)
+        self.conv_out = Conv2d(c, 2 * cfg.z_channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv_in(x)
@@ -248,7 +248,7 @@ class VideoDecoder(nn.Module):
         super().__init__()
         cfg, widths, vks = config, config.widths, config.video_kernel_size
         c = widths[-1]
-        self.conv_in = nn.Conv2d(cfg.z_channels, c, 3, padding=1)
+        self.conv_in = Conv2d(cfg.z_channels, c, 3, padding=1)
         self.mid = _container(block_1=VideoResBlock(c, c, vks), attn_1=AttnBlock(c), block_2=VideoResBlock(c, c, vks))
         self.up, c = _up_levels(widths, cfg.num_res_blocks, lambda c_in, c_out: VideoResBlock(c_in, c_out, vks))
         self.norm_out = _norm(c)
@@ -279,11 +279,11 @@ class Decoder(nn.Module):
         super().__init__()
         cfg, widths = config, config.widths
         c = widths[-1]
-        self.conv_in = nn.Conv2d(cfg.z_channels, c, 3, padding=1)
+        self.conv_in = Conv2d(cfg.z_channels, c, 3, padding=1)
         self.mid = _container(block_1=ResnetBlock(c, c), attn_1=AttnBlock(c), block_2=ResnetBlock(c, c))
         self.up, c = _up_levels(widths, cfg.num_res_blocks, ResnetBlock)
         self.norm_out = _norm(c)
-        self.conv_out = nn.Conv2d(c, cfg.out_ch, 3, padding=1)
+        self.conv_out = Conv2d(c, cfg.out_ch, 3, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(self.conv_in(z))))
@@ -302,7 +302,7 @@ class FrameDecoder(nn.Module):
 
     def __init__(self, config: VAEConfig = VAEConfig()):
         super().__init__()
-        self.post_quant_conv = nn.Conv2d(config.z_channels, config.z_channels, 1)
+        self.post_quant_conv = Conv2d(config.z_channels, config.z_channels, 1)
         self.decoder = Decoder(config)
 
     def forward(self, z: torch.Tensor, num_frames: int) -> torch.Tensor:
@@ -311,7 +311,7 @@ class FrameDecoder(nn.Module):
 
 def make_quant_conv(config: VAEConfig = VAEConfig()) -> nn.Conv2d:
     """The conditioner's `quant_conv` (1x1, 2z -> 2z) that follows the encoder on the conditioning path."""
-    return nn.Conv2d(2 * config.z_channels, 2 * config.z_channels, 1)
+    return Conv2d(2 * config.z_channels, 2 * config.z_channels, 1)
 
 
 def encode_condition(encoder: Encoder, quant_conv: nn.Module, image: torch.Tensor) -> torch.Tensor:

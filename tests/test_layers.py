@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from einops import rearrange
+from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from svdlite import layers, vae
@@ -98,3 +99,30 @@ def test_vae_video_resblock_blend_is_the_original_formula(batch):
     assert _rel(out, expected) < TOL
     # the temporal branch matters here: without it the output would be far off
     assert _rel(rearrange(spatial, "b c t h w -> (b t) c h w"), expected) > 1e-2
+
+
+LAYERS = [(layers.Linear, nn.Linear, (6, 5)), (layers.Conv2d, nn.Conv2d, (4, 3, 3)), (layers.Conv3d, nn.Conv3d, (4, 3, 3)),
+          (layers.GroupNorm, nn.GroupNorm, (2, 4)), (layers.LayerNorm, nn.LayerNorm, (7,))]
+
+
+@pytest.mark.parametrize("ours, theirs, args", LAYERS, ids=lambda v: getattr(v, "__name__", ""))
+def test_layers_initialise_as_torch_but_not_on_meta(ours, theirs, args, monkeypatch):
+    """On a real device each layer initialises exactly as its torch class (same generator, same values); on the meta
+    device (models built only to be loaded) its initialiser does not run at all."""
+    torch.manual_seed(3)
+    a = ours(*args)
+    torch.manual_seed(3)
+    b = theirs(*args)
+    assert a.state_dict().keys() == b.state_dict().keys()
+    assert all(torch.equal(a.state_dict()[k], b.state_dict()[k]) for k in a.state_dict())
+
+    def refuse(self):
+        raise AssertionError("initialiser ran")
+
+    monkeypatch.setattr(theirs, "reset_parameters", refuse)
+    with torch.device("meta"):
+        m = ours(*args)
+    assert all(p.is_meta for p in m.parameters()) and [p.shape for p in m.parameters()] == \
+        [p.shape for p in b.parameters()]
+    with pytest.raises(AssertionError, match="initialiser ran"):
+        ours(*args)  # on the CPU it does run
