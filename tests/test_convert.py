@@ -79,7 +79,7 @@ def test_fp32_conversion_is_exact_and_reads_no_cross_attention(original, tmp_pat
     assert not any("attn2" in k and "attn2_fold" not in k for k in src.reads)
     reference, src = load_unet(original, UNET, return_source=True)
     assert not any(".attn2.to_q." in k or ".attn2.to_k." in k for k in src.reads)
-    assert torch.equal(unet_output(converted), unet_output(reference))  # same fold, same rounding: bit-identical
+    assert_same_network(converted, reference, unet_output)
     model = load_model(out)
     assert model.preset == "svd-xt" and model.clip_config == CLIP and model.vae_config == VAE
     assert leftovers(tmp_path) == []
@@ -128,8 +128,19 @@ def test_diffusers_unet_folder_converts(tmp_path, capsys):
     out = tmp_path / "from_diffusers.safetensors"
     assert run(folder, out, "--dtype", "fp32") == 0
     assert "diffusers format" in capsys.readouterr().out
-    # fp16 source, fold in float64, stored fp32: the same tensors the diffusers path loads
-    assert torch.equal(unet_output_small(load_unet(out)), unet_output_small(load_unet(folder)))
+    # fp16 source, folds in float32, stored fp32: the same tensors the diffusers path loads
+    assert_same_network(load_unet(out), load_unet(folder), unet_output_small)
+
+
+def assert_same_network(a, b, output):
+    """The same tensors to the bit (same folds, same rounding), and outputs equal to float32 rounding: the
+    files lay the tensors out at different alignments, both are used in place, and some CPU kernels round
+    differently on differently aligned weights (seen: a 1x1 convolution at one thread, 1.3e-6 of the output's
+    scale; bit-identical at two threads), so the bound is 1e-5 of the largest value, ~100 float32 ulps."""
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    ya, yb = output(a), output(b)
+    assert ((ya - yb).abs().max() / yb.abs().max()).item() < 1e-5
 
 
 def unet_output_small(unet):

@@ -64,17 +64,19 @@ def test_same_dtype_uses_the_memory_map_in_place_at_any_alignment(tmp_path):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_unaligned_weights_give_the_same_output_to_the_bit(tmp_path, dtype):
-    """One network from two files: svdlite's 64-byte aligned layout, and safetensors' own shifted by a 2- or
-    4-byte pad so that almost no tensor is 64-byte aligned, both used in place: the outputs are bit-identical (the
-    CPU kernels do not round differently on differently aligned weights), so mapping any file in place is exact."""
+def test_unaligned_weights_are_used_in_place_and_give_the_same_network(tmp_path, dtype):
+    """One network from two files: svdlite's 64-byte aligned layout, and safetensors' own shifted by a 2- or 4-byte
+    pad so that most tensors are not 64-byte aligned, both used in place. The tensors are equal to the bit; the
+    outputs equal to float32 rounding (1e-5 of the largest value, 1e-3 in float16): some CPU kernels round
+    differently on differently aligned weights (seen: a 1x1 convolution at one thread, 1.3e-6), none at two."""
     tensors = {ORIGINAL_PREFIX + k: v for k, v in
                random_tensors(original_unet_shapes(TINY), seed=6, dtype=dtype).items()}
     save_aligned(tensors, tmp_path / "aligned.safetensors", {})
     save_file({"a_pad": torch.zeros(1, dtype=dtype), **tensors}, str(tmp_path / "shifted.safetensors"))
     aligned = load_unet(tmp_path / "aligned.safetensors", TINY, dtype=dtype)
     shifted = load_unet(tmp_path / "shifted.safetensors", TINY, dtype=dtype)
-    state = shifted.state_dict()
+    state, reference = shifted.state_dict(), aligned.state_dict()
+    assert all(torch.equal(state[k], reference[k]) for k in reference)
     assert sum(t.data_ptr() % ALIGNMENT != 0 for t in state.values()) > len(state) // 2
     g = torch.Generator().manual_seed(7)
     frames = 3
@@ -82,7 +84,8 @@ def test_unaligned_weights_give_the_same_output_to_the_bit(tmp_path, dtype):
             torch.randn(2 * frames, 1, TINY.context_dim, generator=g).to(dtype),
             torch.randn(2 * frames, TINY.adm_in_channels, generator=g).to(dtype), frames)
     with torch.no_grad():
-        assert torch.equal(aligned(*args), shifted(*args))
+        a, b = aligned(*args).float(), shifted(*args).float()
+    assert ((a - b).abs().max() / a.abs().max()).item() < (1e-5 if dtype == torch.float32 else 1e-3)
 
 
 def test_unet_state_is_read_once_per_tensor_and_equal_across_dtypes(tmp_path):
