@@ -26,6 +26,21 @@ SPEED_LEVELS = {
 }
 
 
+def check_int(name: str, value, low: int) -> None:
+    """A ValueError naming the option unless `value` is an int (not a bool) >= low."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+
+
+def check_cache(interval, depth) -> None:
+    """Step caching's pair: interval N >= 1 (1 = no caching), depth D >= 0 or None, and a depth whenever N > 1."""
+    check_int("cache_interval", interval, 1)
+    if depth is not None:
+        check_int("cache_depth", depth, 0)
+    if interval > 1 and depth is None:
+        raise ValueError("cache_interval > 1 needs a cache_depth")
+
+
 def check_options(options: dict, has_f3_schedule: bool) -> None:
     """Refuse bad values of the approximate options before any work (the rest is checked with the model: step
     counts, the F3 schedule's fit, the cache depth's range). None means not set."""
@@ -36,12 +51,10 @@ def check_options(options: dict, has_f3_schedule: bool) -> None:
         raise ValueError(f"f3_ratio={ratio!r} needs an f3_schedule (make one with svdlite calibrate)")
     if statistic is not None and statistic not in ("attention", "contribution"):
         raise ValueError(f"unknown f3_statistic {statistic!r}; expected 'attention' or 'contribution'")
-    for name, low in (("cache_interval", 1), ("cache_depth", 0), ("guidance_cut_step", 0)):
-        value = options.get(name)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
-            raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
-    if (options.get("cache_interval") or 1) > 1 and options.get("cache_depth") is None:
-        raise ValueError("cache_interval > 1 needs a cache_depth")
+    if options.get("guidance_cut_step") is not None:
+        check_int("guidance_cut_step", options["guidance_cut_step"], 0)
+    interval = options.get("cache_interval")
+    check_cache(1 if interval is None else interval, options.get("cache_depth"))
     if options.get("schedule") not in (None, "edm", "ays"):
         raise ValueError(f"unknown noise schedule {options['schedule']!r}; expected 'edm' or 'ays' (or pass sigmas=)")
 
@@ -132,13 +145,7 @@ def build_plan(sigmas: torch.Tensor, *, guidance: bool, guidance_cut_step: int |
         raise ValueError(f"guidance_cut_step must be in [0, {n}] (the step count), got {guidance_cut_step!r}")
     if skip_temporal is not None and len(skip_temporal) != n:
         raise ValueError(f"skip_temporal must give one set per step ({n}), got {len(skip_temporal)}")
-    if isinstance(cache_interval, bool) or not isinstance(cache_interval, int) or cache_interval < 1:
-        raise ValueError(f"cache_interval must be an int >= 1 (1 = no caching), got {cache_interval!r}")
-    if cache_interval > 1 and cache_depth is None:
-        raise ValueError("cache_interval > 1 needs a cache_depth")
-    if cache_depth is not None and (isinstance(cache_depth, bool) or not isinstance(cache_depth, int)
-                                    or cache_depth < 0):
-        raise ValueError(f"cache_depth must be an int >= 0, got {cache_depth!r}")
+    check_cache(cache_interval, cache_depth)
     cut = n if guidance_cut_step is None else guidance_cut_step
     values = tuple(float(s) for s in sigmas)
     steps = []

@@ -128,6 +128,11 @@ def test_invalid_plans_are_refused_before_work(tiny):
     with pytest.raises(ValueError, match="reuses cached features"):
         from svdlite.plan import Plan
         Plan(tuple(sigmas.tolist()), (Step(0, 1.0, True), Step(1, 0.5, True, cache="reuse")), cache_depth=0)
+    for options, message in (({"cache_interval": 0}, "cache_interval must be an int >= 1, got 0"),
+                             ({"cache_interval": 2}, "needs a cache_depth"),
+                             ({"cache_interval": 2, "cache_depth": True}, "cache_depth must be an int >= 0")):
+        with pytest.raises(ValueError, match=message):  # the lower-level API (count_macs) checks the same rules
+            build_plan(sigmas, guidance=True, **options)
     plan = build_plan(sigmas, guidance=True, cache_interval=2, cache_depth=0)
     assert [s.cache for s in plan.steps] == ["refresh", "reuse"] and not plan.is_exact
     assert build_plan(sigmas, guidance=True).is_exact and len(build_plan(sigmas, guidance=True).describe()) == 2
