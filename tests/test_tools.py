@@ -121,6 +121,20 @@ def test_option_rows(tiny_model):
     json.dumps(r, default=str)
 
 
+def test_a_speed_level_runs_with_its_own_step_count(tiny_model):
+    """`speed fast` is measured as a user gets it (AYS, 10 steps), not at the run's step count: its deviation is
+    that of generate(speed="fast") from the exact run, and its row says 10 steps."""
+    size = dict(num_frames=3, height=64, width=64)
+    r = mo.measure(tiny_model, steps=2, frames=3, height=64, width=64, variants=[("fast", {"speed": "fast"})],
+                   seed=1, log=QUIET)
+    row = r["rows"][0]
+    assert row["steps"] == 10 and row["guided_evals"] == 10
+    exact = svdlite.generate(mo.EXAMPLE, model=tiny_model, seed=1, num_inference_steps=2, progress=False, **size)
+    fast = svdlite.generate(mo.EXAMPLE, model=tiny_model, seed=1, speed="fast", progress=False, **size)
+    ref = exact.latents.double()
+    assert row["latents_rel_l2"] == ((fast.latents.double() - ref).norm() / ref.norm()).item()
+
+
 def test_option_variants_are_checked_before_running(tiny_model):
     with pytest.raises(ValueError, match="guidance_cut_step"):
         mo.measure(tiny_model, steps=2, variants=[("bad", {"guidance_cut_step": 3})], log=QUIET)

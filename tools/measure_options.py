@@ -125,6 +125,16 @@ def plan_summary(model: SVDModel, options: dict, settings: dict) -> dict:
             "reuse_steps": sum(st.cache == "reuse" for st in plan.steps)}
 
 
+def run_kwargs(kwargs: dict, options: dict) -> dict:
+    """generate()'s arguments for one variant: the run's settings and the variant's options, except that a speed
+    level's own step count (`fast`: 10) replaces the run's, as it does for a user who names only the level (the
+    run's count is an explicit argument and would otherwise win, measuring e.g. AYS at 25 steps as `fast`)."""
+    level = SPEED_LEVELS.get(options.get("speed", "exact"), {})
+    if "num_inference_steps" in level and "num_inference_steps" not in options:
+        kwargs = {k: v for k, v in kwargs.items() if k != "num_inference_steps"}
+    return kwargs | options
+
+
 def measure(model: SVDModel, image=EXAMPLE, *, variants: list[tuple[str, dict]], steps: int | None = None,
             frames: int | None = None, seed: int = 0, height: int | None = None, width: int | None = None,
             rounds: int = 1, f3_schedule=None, device="cpu", dtype=torch.float32, log=None) -> dict:
@@ -147,7 +157,7 @@ def measure(model: SVDModel, image=EXAMPLE, *, variants: list[tuple[str, dict]],
     for r in range(rounds):
         for name, options in runs[r % len(runs):] + runs[:r % len(runs)]:  # rotate who runs first
             start, start_cpu = time.perf_counter(), time.process_time()
-            outputs[name] = svdlite.generate(image, **(kwargs | options))
+            outputs[name] = svdlite.generate(image, **run_kwargs(kwargs, options))
             seconds[name].append(time.perf_counter() - start)
             cpu[name].append(time.process_time() - start_cpu)
             log(f"round {r + 1}/{rounds} {name}: {seconds[name][-1]:.1f}s wall, {cpu[name][-1]:.1f}s CPU")
