@@ -9,8 +9,8 @@ that performs one load and prints one JSON line. The files are written once from
   svdlite32   the same converted to fp32 (`--dtype fp32`), the file to run a float32 model from.
 diffusers loads only its folder (`UNetSpatioTemporalConditionModel.from_pretrained(variant="fp16")`, with
 `low_cpu_mem_usage`, which needs `accelerate`: the `bench` extra); svdlite loads all four
-(`load_unet`). Each load's file is read through just before it (all of them together need not fit in the page
-cache), so every load, on either side, reads a cached file; the cases alternate, each in its own process.
+(`load_unet`). Before each load the other files are dropped from the page cache and this one is read through,
+so every load, on either side, reads a cached file with the same free memory beside it; the cases alternate, each in its own process.
 Reported per load: seconds inside the load call (imports excluded), the process's peak resident memory, its
 resident memory before the call, and the model's bytes.
 """
@@ -114,9 +114,28 @@ def _child_env() -> dict:
                                                          os.environ.get("PYTHONPATH", "")])}
 
 
+def _files(path: Path) -> list[Path]:
+    return [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+
+
+def _evict(paths) -> None:
+    """Drop these files' pages from the page cache (POSIX_FADV_DONTNEED; they are clean, so no root is needed):
+    otherwise the benchmark's other files (14.6 GB together) fill the memory a float32 load must first-touch, and
+    each load's time depends on how much cache the kernel has to reclaim on the way (measured: 4.6-13.2 s for the
+    same load in one run)."""
+    if not hasattr(os, "posix_fadvise"):
+        return
+    for f in (f for path in paths for f in _files(path)):
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
 def _read_through(path: Path) -> None:
     """Read every byte once, so the page cache holds the file for both sides."""
-    for f in ([path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())):
+    for f in _files(path):
         with open(f, "rb", buffering=0) as fh:
             while fh.read(64 << 20):
                 pass
@@ -129,11 +148,12 @@ def _mem_available() -> int:
     return 1 << 62
 
 
-def run_child(side: str, path: Path, dtype: str, threads: int, model_bytes: int, log) -> dict:
+def run_child(side: str, path: Path, dtype: str, threads: int, model_bytes: int, log, others=()) -> dict:
     need = PEAK_FACTOR[side] * model_bytes + (1 << 30)
     while _mem_available() < need:  # other processes hold the memory: wait rather than risk the OOM killer
         log(f"  waiting: {_mem_available() / 2**30:.1f} GiB free, {need / 2**30:.1f} GiB needed")
         time.sleep(10)
+    _evict(others)  # only this load's file stays cached: the same free memory for every load
     _read_through(path)  # the files together may not fit in the page cache: this one is in it for this load
     cmd = [sys.executable, __file__, "--child", side, str(path), dtype, "--threads", str(threads)]
     out = subprocess.run(cmd, capture_output=True, text=True, env=_child_env())
@@ -152,7 +172,8 @@ def measure_loading(paths: dict[str, Path], dtypes=("fp32", "fp16"), rounds: int
         for r in range(rounds):
             order = CASES[r % len(CASES):] + CASES[:r % len(CASES)]
             for side, fmt in order:
-                m = run_child(side, paths[fmt], dtype, threads, model_bytes, log)
+                m = run_child(side, paths[fmt], dtype, threads, model_bytes, log,
+                              [p for f, p in paths.items() if f != fmt])
                 runs[f"{side}:{fmt}"].append(m)
             log(f"  loading {dtype} round {r + 1}/{rounds}: " + ", ".join(
                 f"{k} {v[-1]['seconds']:.2f}s" for k, v in runs.items()))
