@@ -48,7 +48,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 class SkipMetaInit:
     """Mixin for torch layers: `reset_parameters` does nothing while the layer's parameters are on the meta device.
 
-    Models are built on the meta device only to be loaded (`load_state_dict(assign=True)` replaces every tensor),
+    Models are built on the meta device only to be loaded (`loading.load_planned` replaces every tensor),
     and initialising meta tensors, each op through torch's device mode, cost 0.06-0.15 s of building the UNet
     (0.04 s without it; docs/SPEED.md). On a real device the layer initialises exactly as its torch class."""
 
