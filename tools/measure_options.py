@@ -128,9 +128,10 @@ def plan_summary(model: SVDModel, options: dict, settings: dict) -> dict:
 def run_kwargs(kwargs: dict, options: dict) -> dict:
     """generate()'s arguments for one variant: the run's settings and the variant's options, except that a speed
     level's own step count (`fast`: 10) replaces the run's, as it does for a user who names only the level (the
-    run's count is an explicit argument and would otherwise win, measuring e.g. AYS at 25 steps as `fast`)."""
-    level = SPEED_LEVELS.get(options.get("speed", "exact"), {})
-    if "num_inference_steps" in level and "num_inference_steps" not in options:
+    run's count is an explicit argument and would otherwise win, measuring e.g. AYS at 25 steps as `fast`). The
+    step count is resolved by `speed_options`, as `plan_summary` resolves it for the variant's row."""
+    resolved = speed_options(options.get("speed", "exact"), {k: v for k, v in options.items() if k != "speed"})
+    if "num_inference_steps" in resolved:
         kwargs = {k: v for k, v in kwargs.items() if k != "num_inference_steps"}
     return kwargs | options
 
