@@ -101,8 +101,9 @@ def test_vae_video_resblock_blend_is_the_original_formula(batch):
     assert _rel(rearrange(spatial, "b c t h w -> (b t) c h w"), expected) > 1e-2
 
 
-LAYERS = [(layers.Linear, nn.Linear, (6, 5)), (layers.Conv2d, nn.Conv2d, (4, 3, 3)), (layers.Conv3d, nn.Conv3d, (4, 3, 3)),
-          (layers.GroupNorm, nn.GroupNorm, (2, 4)), (layers.LayerNorm, nn.LayerNorm, (7,))]
+LAYERS = [(layers.Linear, nn.Linear, (6, 5)), (layers.Conv2d, nn.Conv2d, (4, 3, 3)),
+          (layers.Conv3d, nn.Conv3d, (4, 3, 3)), (layers.GroupNorm, nn.GroupNorm, (2, 4)),
+          (layers.LayerNorm, nn.LayerNorm, (7,))]
 
 
 @pytest.mark.parametrize("ours, theirs, args", LAYERS, ids=lambda v: getattr(v, "__name__", ""))

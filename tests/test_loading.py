@@ -12,9 +12,9 @@ from svdlite import loading
 from svdlite.convert import save_aligned
 from svdlite.loading import ALIGNMENT, TensorSource, fold_matmul, load_unet
 from svdlite.testing import random_tensors
+from svdlite.unet_keymap import ORIGINAL_PREFIX
 
 from helpers import TINY, original_unet_shapes, write_original_unet
-from svdlite.unet_keymap import ORIGINAL_PREFIX
 
 
 def test_float32_fold_error_against_float64():

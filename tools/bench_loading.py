@@ -8,9 +8,9 @@ that performs one load and prints one JSON line. The files are written once from
   svdlite     svdlite's converted file from the original one (tools/convert_weights.py, fp16);
   svdlite32   the same converted to fp32 (`--dtype fp32`), the file to run a float32 model from.
 diffusers loads only its folder (`UNetSpatioTemporalConditionModel.from_pretrained(variant="fp16")`, with
-`low_cpu_mem_usage`, which needs `accelerate`: the `bench` extra); svdlite loads all four
-(`load_unet`). Before each load the other files are dropped from the page cache and this one is read through,
-so every load, on either side, reads a cached file with the same free memory beside it; the cases alternate, each in its own process.
+`low_cpu_mem_usage`, which needs `accelerate`: the `bench` extra); svdlite loads all four (`load_unet`). Before
+each load the other files are dropped from the page cache and this one is read through, so every load, on either
+side, reads a cached file with the same free memory beside it; the cases alternate, each in its own process.
 Reported per load: seconds inside the load call (imports excluded), the process's peak resident memory, its
 resident memory before the call, and the model's bytes.
 """
