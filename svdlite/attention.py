@@ -1,6 +1,7 @@
 """Attention: one SDPA call site, an exact explicit-softmax path beside it for tests, and the self-attention module.
 
-Cross-attention is folded in svdlite's network (see `unet_blocks.py`); `CrossAttention` is the original
+Cross-attention is folded in svdlite's network (see `unet_blocks.py`): to one Linear `attn2_fold` (svdlite files) or
+to `SingleTokenAttention`, its value path (original and diffusers files). `CrossAttention` is the original
 computation, built only for the ablation that measures what the fold saves (`fold_cross_attention=False`).
 """
 import torch
@@ -62,3 +63,18 @@ class CrossAttention(SelfAttention):
         q = rearrange(self.to_q(x), "b n (h d) -> b h n d", h=self.heads)
         k, v = (rearrange(f(context), "b n (h d) -> b h n d", h=self.heads) for f in (self.to_k, self.to_v))
         return self.to_out(rearrange(attention(q, k, v), "b h n d -> b n (h d)"))
+
+
+class SingleTokenAttention(nn.Module):
+    """Cross-attention to a single context token, as the value path it reduces to: softmax over one key is 1, so
+    every query's output is to_out(to_v(c)), a constant; `to_q`/`to_k` have no effect and are absent. Names as in
+    `CrossAttention`, so the original tensors load under their own keys with no product computed at load."""
+
+    def __init__(self, dim: int, context_dim: int, heads: int, dim_head: int):
+        super().__init__()
+        self.to_v = Linear(context_dim, heads * dim_head, bias=False)
+        self.to_out = nn.Sequential(Linear(heads * dim_head, dim))
+
+    def forward(self, token: torch.Tensor) -> torch.Tensor:
+        """(n, context_dim) tokens -> (n, dim): the attention output for each, in the original's order of products."""
+        return self.to_out(self.to_v(token))

@@ -13,8 +13,8 @@ from torch import nn
 
 from . import clip_keymap, vae_keymap
 from .clip import CLIPVisionConfig, build_image_encoder
-from .loading import (SVDLITE_FORMAT, CheckpointError, Entry, TensorSource, blend_is_stored_folded,
-                      diffusers_unet_files, fold_temporal_blend, original_source_names,
+from .loading import (SVDLITE_FORMAT, CheckpointError, Entry, TensorSource, diffusers_unet_files,
+                      mark_stored_blend, original_source_names,
                       unet_file_keys, detect_unet_format, load_planned, unet_plan)
 from .presets import PRESETS
 from .unet import UNetConfig, VideoUNet
@@ -222,11 +222,15 @@ def _reshape(key: str):
     return None
 
 
-def build_component(component: str, ms: ModelSource, fold_cross_attention: bool = True) -> nn.Module:
-    """The empty (meta device) module of a component, for the checkpoint's configs."""
+def build_component(component: str, ms: ModelSource, fold_cross_attention: bool = True,
+                    fold_product: bool | None = None) -> nn.Module:
+    """The empty (meta device) module of a component, for the checkpoint's configs. fold_product (UNet): whether
+    the folded cross-attention holds the product; by default as the source stores it (only svdlite files do)."""
+    if fold_product is None:
+        fold_product = ms.fmt == SVDLITE_FORMAT
     with torch.device("meta"):
         if component == "unet":
-            return VideoUNet(ms.unet_config, fold_cross_attention=fold_cross_attention)
+            return VideoUNet(ms.unet_config, fold_cross_attention=fold_cross_attention, fold_product=fold_product)
         if component == "vae_encoder":
             return ConditionEncoder(ms.vae_config)
         if component == "vae_decoder":
@@ -241,7 +245,7 @@ def load_component(ms: ModelSource, component: str, *, device="cpu", dtype=torch
     model = load_planned(model, ms.files[component], plan, scope=scope, ignored=ignored, dtype=dtype, device=device,
                          label=label)
     if component == "unet":
-        return fold_temporal_blend(model, stored=blend_is_stored_folded(ms.files["unet"]))
+        return mark_stored_blend(model, ms.files["unet"])
     return model
 
 

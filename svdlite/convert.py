@@ -2,11 +2,9 @@
 
 An svdlite file is one safetensors file: keys `<component>.<module key>` for the components present (`unet`,
 `vae_encoder`, `vae_decoder`, `image_encoder`), the cross-attention stored only as the folded `attn2_fold`
-projections, each VideoResBlock's temporal conv `time_stack.out_layers.3` with its blend folded in (both folds
-computed in float32 and rounded once to the file's dtype; `loading.fold_temporal_blend`, metadata
-`unet_temporal_blend=folded`, so loading changes no tensor and a file in the model's dtype is used in place), and
-metadata: format, format_version, components, preset, the configs, source sha256, svdlite
-version. Every tensor whose size is a multiple of 64 bytes starts at a 64-byte boundary of the file (the rest
+projections (computed in float32 and rounded once to the file's dtype, so loading changes no tensor and a file in
+the model's dtype is used in place), and metadata: format, format_version, components, preset, the configs, source
+sha256, svdlite version. Every tensor whose size is a multiple of 64 bytes starts at a 64-byte boundary of the file (the rest
 follow them), so loading in the stored dtype uses the memory map in place (loading.ALIGNMENT). Writing goes to a
 temporary file beside the target, which is reloaded and checked tensor by tensor
 before it is renamed into place; on any failure nothing is left behind and an existing file is untouched.
@@ -24,7 +22,7 @@ from tqdm.auto import tqdm
 from . import __version__, clip_keymap, vae_keymap
 from .components import COMPONENTS, SVDLITE_PREFIXES, ModelSource, build_component, component_plan
 from .loading import (ALIGNMENT, BLEND_FOLDED, BLEND_METADATA_KEY, SAFETENSORS_DTYPES, SVDLITE_FORMAT, CheckpointError,
-                      TensorSource, folded_blend_tensors, load_planned)
+                      TensorSource, blend_is_stored_folded, load_planned)
 from .presets import PRESETS
 from .unet_keymap import NEVER_READ_SUFFIXES, ORIGINAL_PREFIX
 
@@ -146,14 +144,12 @@ def convert(ms: ModelSource, out: Path, *, dtype: torch.dtype = torch.float16, f
         log(f"warning: {ms.path} has no {c}; the converted file will not have it either (generation needs all four)")
     tensors, counts = {}, {}
     for component in tqdm(components, desc="converting", unit="component", disable=not progress):
-        model = build_component(component, ms)
+        model = build_component(component, ms, fold_product=True)  # the product, computed here once
         plan, scope, ignored = component_plan(ms, component, model)
         load_planned(model, ms.files[component], plan, scope=scope, ignored=ignored, dtype=dtype, device="cpu",
                      label=f"{ms.fmt}-format {component} ({ms.path})")
         state = {k: v.contiguous() for k, v in model.state_dict().items()}
         counts[component] = sum(v.numel() for v in state.values())
-        if component == "unet":  # the VideoResBlocks' blend, folded here (in float32) instead of at every load
-            state.update({k: v.to(dtype) for k, v in folded_blend_tensors(model, ms.files[component], plan).items()})
         tensors.update({SVDLITE_PREFIXES[component] + k: v for k, v in state.items()})
         log(f"{component}: {len(state)} tensors, {counts[component]:,} parameters")
     dropped: dict[str, int] = {}
@@ -164,7 +160,9 @@ def convert(ms: ModelSource, out: Path, *, dtype: torch.dtype = torch.float16, f
     for reason, n in sorted(dropped.items()):
         log(f"dropped {n} tensors: {reason}")
     source_files = sorted({str(f) for s in ms.files.values() for f in s.files})
-    metadata = {**config_metadata(ms, components), BLEND_METADATA_KEY: BLEND_FOLDED, "preset": ms.preset, "source": ms.path.name,
+    # an older svdlite source's temporal convs hold the blend folded in (loading.mark_stored_blend): so do ours
+    folded = {BLEND_METADATA_KEY: BLEND_FOLDED} if blend_is_stored_folded(ms.files["unet"]) else {}
+    metadata = {**config_metadata(ms, components), **folded, "preset": ms.preset, "source": ms.path.name,
                 "source_sha256": sha256_of(source_files, progress), "svdlite_version": __version__,
                 "dtype": str(dtype).removeprefix("torch.")}
     write_svdlite(out, tensors, metadata, force=force)

@@ -320,64 +320,26 @@ def unet_plan(fmt: str, config: UNetConfig, expected) -> dict[str, Entry]:
             for k, srcs in unet_read_plan(fmt, config, expected).items()}
 
 
-# svdlite files written since the blend fold moved into the converter say so in their metadata (older ones do not,
-# and are folded when loaded): their `time_stack.out_layers.3` tensors already hold (1 - alpha) W
+# svdlite files written by the converters of stops 13-15 say so in their metadata: their VideoResBlocks'
+# `time_stack.out_layers.3` tensors hold (1 - alpha) W and b, the blend folded in; the model then scales by 1.0
 BLEND_METADATA_KEY, BLEND_FOLDED = "unet_temporal_blend", "folded"
 
 
 def blend_is_stored_folded(src: TensorSource) -> bool:
-    """Whether this file's VideoResBlocks' temporal convs are stored with the blend folded in (svdlite files)."""
+    """Whether this file's VideoResBlocks' temporal convs are stored with the blend folded in (older svdlite files)."""
     return src.metadata.get(BLEND_METADATA_KEY) == BLEND_FOLDED
 
 
-def blend_scale(mix_factor: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """(1 - alpha) = 1 - sigmoid(mix_factor) in `dtype`, shape (1,) (not a wrapped scalar: a half-precision tensor
-    multiplied by it is computed in `dtype` and rounded once)."""
-    return 1.0 - torch.sigmoid(mix_factor.detach().to(dtype).reshape(1))
-
-
-def fold_temporal_blend(unet: VideoUNet, *, stored: bool = False) -> VideoUNet:
-    """Fold each VideoResBlock's blend into its temporal branch's last conv (exact up to float rounding).
-
-    Its temporal branch is `time_stack(x) = x + r`, r ending in the conv `out_layers.3`, so for video frames the
-    blend alpha x + (1 - alpha)(x + r) is x + (1 - alpha) r, alpha = sigmoid(mix_factor) one number per layer:
-    scaling that conv's weight and bias by (1 - alpha) (in >= float32, stored in the model's dtype) makes time_stack's
-    output the blend, and the block skips the blend (image-only frames still take x). Parameter names and shapes
-    are unchanged; only those two tensors' values change. Not applicable to the temporal transformer, whose
-    residual branches feed each other. Applied by `load_unet` / `load_model`; stored=True marks the blocks of a
-    model loaded from a file that already holds the folded values (`blend_is_stored_folded`), without scaling."""
+def mark_stored_blend(unet: VideoUNet, src: TensorSource) -> VideoUNet:
+    """Mark each VideoResBlock of `unet`, loaded from `src`, as holding the blend folded in if the file says so
+    (`VideoResBlock.branch_scale` is then 1.0); other files' tensors are used as they are."""
     from .unet_blocks import VideoResBlock
 
-    with torch.no_grad():
+    if blend_is_stored_folded(src):
         for block in unet.modules():
-            if isinstance(block, VideoResBlock) and not block.blend_folded:
-                if not stored:
-                    conv = block.time_stack.out_layers[3]
-                    # in place, as fresh temporaries of these 66M values cost more than the multiply on this VM
-                    scale = blend_scale(block.time_mixer.mix_factor,
-                                        torch.promote_types(conv.weight.dtype, torch.float32))
-                    conv.weight.mul_(scale)
-                    conv.bias.mul_(scale)
+            if isinstance(block, VideoResBlock):
                 block.blend_folded = True
     return unet
-
-
-def folded_blend_tensors(unet: VideoUNet, src: TensorSource, plan: dict[str, Entry]) -> dict[str, torch.Tensor]:
-    """{key: float32 tensor} of every VideoResBlock's `time_stack.out_layers.3` weight and bias with (1 - alpha)
-    folded in, computed from `src`'s values in float32 through `plan` (as `load_planned` reads them): what the
-    converter stores (rounded once to the file's dtype), so that a converted file loads without changing a tensor,
-    equal to what `fold_temporal_blend` computes when loading the source in that dtype."""
-    from .unet_blocks import VideoResBlock
-
-    out = {}
-    for name, block in unet.named_modules():
-        if isinstance(block, VideoResBlock):
-            scale = blend_scale(src.get(plan[f"{name}.time_mixer.mix_factor"].sources[0], torch.float32))
-            for leaf in ("weight", "bias"):
-                key = f"{name}.time_stack.out_layers.3.{leaf}"
-                value = src.get(plan[key].sources[0], torch.float32)
-                out[key] = value.clone() if blend_is_stored_folded(src) else value * scale
-    return out
 
 
 def _stored_config(src: TensorSource, fmt: str) -> UNetConfig:
@@ -396,7 +358,8 @@ def load_unet(source, config: UNetConfig | None = None, *, device="cpu", dtype: 
 
     config: the network; by default the one the checkpoint declares (svdlite metadata, diffusers config.json),
     else SVD's (`UNetConfig()`).
-    Cross-attention weights are folded while loading; attn2 `to_q`/`to_k` are never read.
+    Cross-attention is folded (unet_blocks.py): an svdlite file holds the product, original and diffusers files load
+    attn2 `to_v`/`to_out` as they are (no product at load); attn2 `to_q`/`to_k` are never read.
     fold_cross_attention=False (ablation only) loads the original attn2 weights and computes them at every call;
     "temporal" folds only the temporal blocks' (the VCUT paper's variant).
     """
@@ -407,12 +370,12 @@ def load_unet(source, config: UNetConfig | None = None, *, device="cpu", dtype: 
         raise CheckpointError(f"{src.files[0]} is an svdlite file, which holds only the folded cross-attention; the "
                               "unfolded ablation needs an original or diffusers checkpoint")
     with torch.device("meta"):
-        model = VideoUNet(config, fold_cross_attention=fold_cross_attention)
+        model = VideoUNet(config, fold_cross_attention=fold_cross_attention, fold_product=fmt == SVDLITE_FORMAT)
     plan = unet_plan(fmt, config, model.state_dict())
     ignored = set(original_source_names(fmt, config, model.state_dict()).values()) if fmt != SVDLITE_FORMAT else set()
     label = (f"{fmt}-format UNet ({src.files[0].name}) for UNetConfig(model_channels={config.model_channels}, "
              f"channel_mult={config.channel_mult}, context_dim={config.context_dim})")
     load_planned(model, src, plan, scope=unet_file_keys(fmt, src.keys()), ignored=ignored, dtype=dtype,
                  device=device, label=label)
-    fold_temporal_blend(model, stored=blend_is_stored_folded(src))
+    mark_stored_blend(model, src)
     return (model, src) if return_source else model

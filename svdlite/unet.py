@@ -111,12 +111,15 @@ class UNetConfig:
 
 class VideoUNet(nn.Module):
     """fold_cross_attention=False builds the original cross-attentions (ablation only, see unet_blocks.py);
-    "temporal" folds only the temporal blocks' cross-attention (the VCUT paper's variant), spatial ones original."""
+    "temporal" folds only the temporal blocks' cross-attention (the VCUT paper's variant), spatial ones original.
+    fold_product: folded blocks hold the product `attn2_fold` (True: svdlite files) or the original `attn2.to_v` and
+    `attn2.to_out.0` (False: original and diffusers files, loaded without computing a product); same outputs."""
 
-    def __init__(self, config: UNetConfig = UNetConfig(), *, fold_cross_attention: bool | str = True):
+    def __init__(self, config: UNetConfig = UNetConfig(), *, fold_cross_attention: bool | str = True,
+                 fold_product: bool = True):
         super().__init__()
         self.config = cfg = config
-        self.fold_cross_attention = fold_cross_attention
+        self.fold_cross_attention, self.fold_product = fold_cross_attention, fold_product
         mc, ted = cfg.model_channels, cfg.time_embed_dim
         self.time_embed = nn.Sequential(Linear(mc, ted), nn.SiLU(), Linear(ted, ted))
         # `label_emb.0` is sgm's Sequential around the MLP ("sequential" class conditioning)
@@ -127,7 +130,7 @@ class VideoUNet(nn.Module):
 
         def svt(c):
             return SpatialVideoTransformer(c, c // cfg.num_head_channels, cfg.num_head_channels,
-                                           cfg.transformer_depth, cfg.context_dim, fold_cross_attention)
+                                           cfg.transformer_depth, cfg.context_dim, fold_cross_attention, fold_product)
 
         self.input_blocks = nn.ModuleList([TimestepEmbedSequential(conv_nd(2, cfg.in_channels, mc, 3))])
         chans, ch, ds = [mc], mc, 1

@@ -2,11 +2,14 @@
 
 VCUT-native cross-attention. SVD's cross-attention context is one CLIP token, and softmax over a single key is
 identically 1, so `attn2(x, c) = to_out(to_v(c))` for every query: a constant per frame (spatial blocks, each
-frame's own token) or per video (temporal blocks, the first frame's token). svdlite stores the product
-`W_out W_v` and `b_out` as one Linear, `attn2_fold` (C x context_dim), applies it once per video in
-`context_vector`, and the block forward only adds that vector where the attention output was added. `to_q` and
-`to_k` never influence the output, and are never loaded. `norm2` is kept (it fed only the ignored query) so the
-ablation that recomputes attention the original way has its weights.
+frame's own token) or per video (temporal blocks, the first frame's token). `context_vector` computes it once per
+video and the block forward only adds that vector where the attention output was added. With `product=True` (svdlite
+files) the block holds the product `W_out W_v` and `b_out` as one Linear, `attn2_fold` (C x context_dim), computed
+once by the converter; with `product=False` (original and diffusers files) it holds `attn2.to_v` and `attn2.to_out.0`
+as they are (`SingleTokenAttention`), so loading computes no product, and the vector costs one more small
+matrix-vector product per block and video. `to_q` and `to_k` never influence the output, and are never loaded.
+`norm2` is kept (it fed only the ignored query) so the ablation that recomputes attention the original way has its
+weights.
 
 `fold=False` builds the original `attn2` instead (ablation only: it measures what the fold saves); the "context
 vector" is then the raw CLIP token and the attention runs at every call, as in sgm. `SpatialVideoTransformer` also
@@ -17,7 +20,7 @@ import torch
 from einops import rearrange
 from torch import nn
 
-from .attention import CrossAttention, SelfAttention
+from .attention import CrossAttention, SelfAttention, SingleTokenAttention
 from .layers import (Conv2d, FeedForward, GroupNorm32, LayerNorm, Linear, ResBlock, UpcastGroupNorm, conv_nd,
                      timestep_embedding)
 
@@ -45,7 +48,12 @@ class AlphaBlender(nn.Module):
 
 
 class VideoResBlock(ResBlock):
-    """Spatial ResBlock (its own keys), then the temporal 3-D ResBlock `time_stack`, blended by `time_mixer`."""
+    """Spatial ResBlock (its own keys), then the temporal 3-D ResBlock `time_stack`, blended by `time_mixer`.
+
+    time_stack's skip is the identity, time_stack(x) = x + r, so for video frames the blend
+    alpha x + (1 - alpha)(x + r) is x + (1 - alpha) r with alpha = sigmoid(mix_factor) one number per layer: one
+    scaled add into r's fresh output, the pass the plain residual add would take anyway (exact up to float rounding;
+    image-only frames, alpha = 1, keep x)."""
 
     def __init__(self, channels: int, emb_channels: int, out_channels: int | None = None, *, video_kernel_size=(3, 1, 1)):
         super().__init__(channels, emb_channels, out_channels)
@@ -53,41 +61,50 @@ class VideoResBlock(ResBlock):
         self.time_stack = ResBlock(out_channels, emb_channels, out_channels, dims=3, kernel_size=video_kernel_size,
                                    exchange_temb_dims=True)
         self.time_mixer = AlphaBlender()
-        # True once `loading.fold_temporal_blend` has scaled time_stack's last conv by (1 - alpha) (set at load)
+        # True for a model loaded from an svdlite file written by the converters of stops 13-15, whose
+        # time_stack.out_layers.3 holds (1 - alpha) W already (`loading.blend_is_stored_folded`; set at load)
         self.blend_folded = False
+
+    def branch_scale(self, image_only_indicator: torch.Tensor) -> torch.Tensor:
+        """(b, t) float32: the factor of time_stack's residual branch in the blend, 1 - alpha for video frames
+        (1 if the file holds it folded in) and 0 for image-only frames. A tensor: no host sync, runs on meta."""
+        if self.blend_folded:
+            return 1.0 - image_only_indicator.bool().float()
+        return 1.0 - mix_factor_alpha(self.time_mixer.mix_factor, image_only_indicator)
 
     def forward(self, x, emb, num_frames: int, image_only_indicator):
         x = super().forward(x, emb)
         x_spatial = rearrange(x, "(b t) c h w -> b c t h w", t=num_frames)
-        x_temporal = self.time_stack(x_spatial, rearrange(emb, "(b t) c -> b t c", t=num_frames))
-        if self.blend_folded:  # time_stack = x + (1 - alpha) r, (1 - alpha) in its last conv: already the blend,
-            # except for image-only frames (alpha = 1), which keep x (SVD's videos have none: no copy then)
-            image_only = image_only_indicator.bool()
-            if image_only.any():
-                x_temporal = torch.where(rearrange(image_only, "b t -> b 1 t 1 1"), x_spatial, x_temporal)
-            x = x_temporal
-        else:
-            x = self.time_mixer(x_spatial, x_temporal, image_only_indicator, "b t -> b 1 t 1 1")
+        r = self.time_stack.branch(x_spatial, rearrange(emb, "(b t) c -> b t c", t=num_frames))
+        # x + (1 - alpha) r in one pass into r (autograd takes no out=: a fresh tensor when a side needs a gradient);
+        # the scale in the model's dtype, as sgm's own blend computes it; image-only frames: x + 0 r = x
+        scale = rearrange(self.branch_scale(image_only_indicator), "b t -> b 1 t 1 1").to(r.dtype)
+        x = torch.addcmul(x_spatial, r, scale, out=None if r.requires_grad or x.requires_grad else r)
         return rearrange(x, "b c t h w -> (b t) c h w")
 
 
 class _TransformerBlock(nn.Module):
     """What the spatial and temporal blocks share: attn1, the (folded) cross-attention, ff and norm1-3."""
 
-    def __init__(self, dim: int, heads: int, dim_head: int, context_dim: int, fold: bool = True):
+    def __init__(self, dim: int, heads: int, dim_head: int, context_dim: int, fold: bool = True,
+                 product: bool = True):
         super().__init__()
-        self.fold = fold
+        self.fold, self.product = fold, product
         self.attn1 = SelfAttention(dim, heads, dim_head)
-        if fold:
+        if not fold:
+            self.attn2 = CrossAttention(dim, context_dim, heads, dim_head)
+        elif product:
             self.attn2_fold = Linear(context_dim, dim)  # W_out W_v and b_out of the original attn2
         else:
-            self.attn2 = CrossAttention(dim, context_dim, heads, dim_head)
+            self.attn2 = SingleTokenAttention(dim, context_dim, heads, dim_head)
         self.ff = FeedForward(dim)
         self.norm1, self.norm2, self.norm3 = LayerNorm(dim), LayerNorm(dim), LayerNorm(dim)
 
     def context_vector(self, token: torch.Tensor) -> torch.Tensor:
         """attn2's output for a single context token: (n, context_dim) -> (n, dim); the token itself unfolded."""
-        return self.attn2_fold(token) if self.fold else token
+        if not self.fold:
+            return token
+        return self.attn2_fold(token) if self.product else self.attn2(token)
 
 
 class BasicTransformerBlock(_TransformerBlock):
@@ -105,8 +122,9 @@ class BasicTransformerBlock(_TransformerBlock):
 class VideoTransformerBlock(_TransformerBlock):
     """Temporal block over the T frames at each position: ff_in, self-attention, folded cross-attention, FF."""
 
-    def __init__(self, dim: int, heads: int, dim_head: int, context_dim: int, fold: bool = True):
-        super().__init__(dim, heads, dim_head, context_dim, fold)
+    def __init__(self, dim: int, heads: int, dim_head: int, context_dim: int, fold: bool = True,
+                 product: bool = True):
+        super().__init__(dim, heads, dim_head, context_dim, fold, product)
         self.norm_in = LayerNorm(dim)
         self.ff_in = FeedForward(dim)
 
@@ -136,8 +154,9 @@ class SpatialVideoTransformer(nn.Module):
     block on x + frame-position embedding, blended by `time_mixer`."""
 
     def __init__(self, channels: int, heads: int, dim_head: int, depth: int, context_dim: int,
-                 fold: bool | str = True):
-        """fold: True folds every cross-attention, False none, "temporal" only the temporal blocks' (`time_stack`)."""
+                 fold: bool | str = True, product: bool = True):
+        """fold: True folds every cross-attention, False none, "temporal" only the temporal blocks' (`time_stack`);
+        product: folded blocks hold `attn2_fold` (True) or `attn2.to_v`/`to_out` (False)."""
         super().__init__()
         if not (isinstance(fold, bool) or fold == "temporal"):
             raise ValueError(f"fold must be True, False or 'temporal', got {fold!r}")
@@ -146,9 +165,9 @@ class SpatialVideoTransformer(nn.Module):
         self.norm = UpcastGroupNorm(32, channels, eps=1e-6)
         self.proj_in = Linear(channels, inner)
         self.transformer_blocks = nn.ModuleList(
-            BasicTransformerBlock(inner, heads, dim_head, context_dim, spatial_fold) for _ in range(depth))
+            BasicTransformerBlock(inner, heads, dim_head, context_dim, spatial_fold, product) for _ in range(depth))
         self.time_stack = nn.ModuleList(
-            VideoTransformerBlock(inner, heads, dim_head, context_dim, temporal_fold) for _ in range(depth))
+            VideoTransformerBlock(inner, heads, dim_head, context_dim, temporal_fold, product) for _ in range(depth))
         self.time_pos_embed = nn.Sequential(Linear(channels, 4 * channels), nn.SiLU(), Linear(4 * channels, channels))
         self.time_mixer = AlphaBlender()
         self.proj_out = Linear(inner, channels)

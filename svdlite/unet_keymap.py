@@ -1,7 +1,8 @@
 """UNet key tables: which original tensors each svdlite tensor comes from, and the diffusers names of the originals.
 
 svdlite's UNet names are the original sgm names (`model.diffusion_model.` stripped), except that each
-cross-attention `attn2.{to_q,to_k,to_v,to_out.0}` is replaced by the folded `attn2_fold` (see unet_blocks.py).
+cross-attention `attn2.{to_q,to_k,to_v,to_out.0}` is replaced by the folded `attn2_fold` or keeps only
+`attn2.{to_v,to_out.0}` (`fold_product=False`, see unet_blocks.py).
 The diffusers layout (`UNetSpatioTemporalConditionModel`) is one declarative table built by index arithmetic
 from the config (SVD_SPEC.md 7.2); nothing is reshaped.
 """
@@ -29,9 +30,12 @@ def fold_sources(key: str) -> tuple[str, ...]:
 
 def original_unet_keys(svdlite_keys) -> list[str]:
     """The full original key list (sgm names, no prefix) of the network whose svdlite keys are given."""
-    out = []
+    out, keys = [], set(svdlite_keys)
     for key in svdlite_keys:
-        if key.endswith("attn2_fold.weight"):
+        if key.endswith("attn2.to_v.weight"):  # a SingleTokenAttention (no to_q / to_k) or the ablation's attention
+            base = key[: -len("attn2.to_v.weight")]
+            out += [base + s for s in NEVER_READ_SUFFIXES if base + s not in keys] + [key]
+        elif key.endswith("attn2_fold.weight"):
             base = key[: -len("attn2_fold.weight")]
             out += [base + s for s in NEVER_READ_SUFFIXES] + [base + "attn2.to_v.weight", base + "attn2.to_out.0.weight"]
         elif key.endswith("attn2_fold.bias"):

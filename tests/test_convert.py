@@ -14,6 +14,7 @@ from svdlite import load_unet
 from svdlite.clip import CLIPVisionConfig
 from svdlite.components import load_model
 from svdlite.convert import sha256_of
+from svdlite.loading import fold_matmul
 from svdlite.testing import original_checkpoint_shapes, random_tensors
 from svdlite.unet import UNetConfig
 from svdlite.vae import VAEConfig
@@ -76,7 +77,7 @@ def test_fp32_conversion_is_exact_and_reads_no_cross_attention(original, tmp_pat
     assert meta["source_sha256"] == sha256_of([original]) and meta["svdlite_version"]
     assert UNetConfig.from_dict(json.loads(meta["unet_config"])) == UNET
     converted, src = load_unet(out, return_source=True)
-    assert not any("attn2" in k and "attn2_fold" not in k for k in src.reads)
+    assert not any("attn2" in k and "attn2_fold" not in k for k in src.reads)  # the file has only the product
     reference, src = load_unet(original, UNET, return_source=True)
     assert not any(".attn2.to_q." in k or ".attn2.to_k." in k for k in src.reads)
     assert_same_network(converted, reference, unet_output)
@@ -132,14 +133,32 @@ def test_diffusers_unet_folder_converts(tmp_path, capsys):
     assert_same_network(load_unet(out), load_unet(folder), unet_output_small)
 
 
-def assert_same_network(a, b, output):
-    """The same tensors to the bit (same folds, same rounding), and outputs equal to float32 rounding: the
-    files lay the tensors out at different alignments, both are used in place, and some CPU kernels round
-    differently on differently aligned weights (seen: a 1x1 convolution at one thread, 1.3e-6 of the output's
-    scale; bit-identical at two threads), so the bound is 1e-5 of the largest value, ~100 float32 ulps."""
-    sa, sb = a.state_dict(), b.state_dict()
+def as_product(state: dict) -> dict:
+    """A UNet state loaded from an original or diffusers file (attn2 as `to_v` and `to_out.0`) with each
+    cross-attention replaced by what the converter stores: `attn2_fold` = W_out W_v in float32, rounded once to the
+    state's dtype, and b_out."""
+    out = {}
+    for key, value in state.items():
+        base, _, leaf = key.rpartition("attn2.")
+        if leaf == "to_out.0.weight":
+            out[base + "attn2_fold.weight"] = fold_matmul(value.float(), state[base + "attn2.to_v.weight"].float()
+                                                          ).to(value.dtype)
+        elif leaf == "to_out.0.bias":
+            out[base + "attn2_fold.bias"] = value
+        elif leaf != "to_v.weight":
+            out[key] = value
+    return out
+
+
+def assert_same_network(converted, source, output):
+    """The converted network's tensors are the source's to the bit (the fold: the same float32 product, rounded the
+    same way), and the outputs agree to 1e-5 of the largest value, ~100 float32 ulps: the converted network applies
+    the product W_out W_v to the CLIP token, the source network W_v then W_out (the original's order), which rounds
+    differently, and the files lay tensors out at different alignments, both used in place, where some CPU kernels
+    round differently (seen: a 1x1 convolution at one thread, 1.3e-6 of the output's scale)."""
+    sa, sb = converted.state_dict(), as_product(source.state_dict())
     assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
-    ya, yb = output(a), output(b)
+    ya, yb = output(converted), output(source)
     assert ((ya - yb).abs().max() / yb.abs().max()).item() < 1e-5
 
 
@@ -152,25 +171,61 @@ def unet_output_small(unet):
         return unet(x, torch.full((6,), 0.1), ctx, y, 3)
 
 
-def test_blend_fold_is_stored_and_loads_as_the_original_does(tmp_path):
-    """An fp16 original -> an fp16 svdlite file whose temporal convs hold the blend fold: loaded to float16 it equals
-    the original file loaded to float16 tensor for tensor (bit-identical: the same float32 products, rounded once);
-    loaded to float32, too, but for the two folds, which the file holds rounded to float16 (the float32 load is
-    that rounding exactly); converting it again does not fold twice."""
+def test_fp16_conversion_loads_as_the_original_does(tmp_path):
+    """An fp16 original -> an fp16 svdlite file: loaded to float16 it equals the original file loaded to float16
+    tensor for tensor, the fold the same float32 product rounded once; loaded to float32, too, but for the fold,
+    which the file holds rounded to float16 (the float32 load is that rounding exactly); converting it again changes
+    nothing. The file holds the weights as they are: no blend metadata, temporal convs unscaled."""
     src = tmp_path / "svd_xt.safetensors"
     write_original(src, edit=lambda t: t.update({k: v.half() for k, v in t.items()}))
     out, again = tmp_path / "half.safetensors", tmp_path / "again.safetensors"
     assert run(src, out) == 0 and run(out, again, "--dtype", "fp16") == 0
     for path in (out, again):
         with safe_open(str(path), "pt") as f:
-            assert f.metadata()["unet_temporal_blend"] == "folded"
+            assert "unet_temporal_blend" not in f.metadata()
             assert all(f.get_slice(k).get_dtype() == "F16" for k in f.keys())
     for dtype in (torch.float16, torch.float32):
-        reference = load_unet(src, UNET, dtype=dtype).state_dict()
+        reference = as_product(load_unet(src, UNET, dtype=dtype).state_dict())
         for path in (out, again):
             converted = load_unet(path, dtype=dtype).state_dict()
             assert converted.keys() == reference.keys()
             for k, v in reference.items():
-                folded = ".attn2_fold." in k or ".time_stack.out_layers.3." in k
-                expected = v.half().to(dtype) if folded else v
+                expected = v.half().to(dtype) if ".attn2_fold." in k else v
                 assert converted[k].dtype == dtype and torch.equal(converted[k], expected), (path.name, dtype, k)
+
+
+def test_file_with_the_blend_folded_in_still_loads(tmp_path):
+    """svdlite files written by the converters of stops 13-15 hold each VideoResBlock's time_stack.out_layers.3
+    scaled by (1 - alpha), with metadata unet_temporal_blend=folded. Made here from a new file as that converter
+    did (float32 product, rounded once to fp16): it loads to the same output as the new file (1e-3 relative: the
+    fold's fp16 rounding, 2^-11 per weight), a different one if the metadata is ignored, and converting it again keeps
+    both the scaled tensors and the metadata (no second fold, no lost fold)."""
+    from safetensors.torch import load_file
+
+    from svdlite.convert import save_aligned
+    from svdlite.unet_blocks import VideoResBlock
+
+    src, new, old, again = (tmp_path / n for n in ("svd_xt.safetensors", "new.st", "old.st", "again.st"))
+    write_original(src, edit=lambda t: t.update({k: v.half() for k, v in t.items()}))
+    assert run(src, new) == 0
+    tensors = load_file(str(new))
+    with safe_open(str(new), "pt") as f:
+        metadata = f.metadata()
+    unet = load_unet(new)
+    for name, block in unet.named_modules():
+        if isinstance(block, VideoResBlock):
+            for leaf in ("weight", "bias"):
+                key = f"unet.{name}.time_stack.out_layers.3.{leaf}"
+                scale = block.branch_scale(torch.zeros(1, 1))[0, 0]  # 1 - alpha, float32
+                tensors[key] = (tensors[key].float() * scale).half()  # rounded once
+    save_aligned(tensors, old, {**metadata, "unet_temporal_blend": "folded"})
+    a, b = unet_output_small(load_unet(new)), unet_output_small(load_unet(old))
+    assert ((a - b).abs().max() / a.abs().max()).item() < 1e-3
+    save_aligned(tensors, tmp_path / "unmarked.st", metadata)
+    c = unet_output_small(load_unet(tmp_path / "unmarked.st"))
+    assert ((a - c).abs().max() / a.abs().max()).item() > 1e-2
+    assert run(old, again, "--dtype", "fp16") == 0
+    with safe_open(str(again), "pt") as f:
+        assert f.metadata()["unet_temporal_blend"] == "folded"
+    re_read = load_file(str(again))
+    assert all(torch.equal(re_read[k], v) for k, v in tensors.items() if k.startswith("unet."))

@@ -79,6 +79,6 @@ def test_converted_and_original_give_the_same_unet_output(files):
     a, b = outputs
     rel = ((a - b).abs().max() / b.abs().max()).item()
     print(f"full-size converted vs original UNet output: max rel diff {rel:.2e}")
-    # the fold W_out W_v is computed in float64 from the same fp16 inputs in both paths; the converted file
-    # stores it rounded to fp16 (2^-11 relative), the original path keeps it in fp32
+    # the converted file stores the fold W_out W_v (float32 product of the fp16 inputs) rounded to fp16 (2^-11
+    # relative); the original path applies W_v then W_out in float32
     assert rel < 1e-2
