@@ -14,6 +14,7 @@ Exit codes (README "Errors and exit codes"):
 """
 import argparse
 import contextlib
+import os
 import signal
 import sys
 import threading
@@ -32,7 +33,18 @@ class Terminated(BaseException):
     """SIGTERM, raised like KeyboardInterrupt so that `finally` blocks remove temporary files."""
 
 
+# how long a SIGTERM that arrived inside a finalizer waits before it is sent again
+FINALIZER_RETRY_SECONDS = 0.01
+
+
 def _raise_terminated(signum, frame):
+    # Python prints and drops an exception raised inside a finalizer (`__del__`, which the garbage collector runs
+    # wherever it happens to collect): there, send the signal again shortly, to arrive once the finalizer returned
+    while frame is not None:
+        if frame.f_code.co_name == "__del__":
+            threading.Timer(FINALIZER_RETRY_SECONDS, os.kill, (os.getpid(), signum)).start()
+            return
+        frame = frame.f_back
     raise Terminated()
 
 

@@ -13,9 +13,8 @@ from torch import nn
 
 from . import clip_keymap, vae_keymap
 from .clip import CLIPVisionConfig, build_image_encoder
-from .loading import (SVDLITE_FORMAT, CheckpointError, Entry, TensorSource, diffusers_unet_files,
-                      mark_stored_blend, original_source_names,
-                      unet_file_keys, detect_unet_format, load_planned, unet_plan)
+from .loading import (SVDLITE_FORMAT, CheckpointError, Entry, TensorSource, detect_unet_format, diffusers_unet_files,
+                      gc_paused, load_planned, mark_stored_blend, state_shapes, unet_file_keys, unet_plan)
 from .presets import PRESETS
 from .unet import UNetConfig, VideoUNet
 from .unet_keymap import ORIGINAL_PREFIX, unet_config_from_diffusers, unet_config_from_shapes
@@ -175,16 +174,17 @@ def _with_prefix(keys, prefix: str) -> set[str]:
     return {k for k in keys if k.startswith(prefix)}
 
 
-def component_plan(ms: ModelSource, component: str, model: nn.Module) -> tuple[dict, set, set]:
+def component_plan(ms: ModelSource, component: str, model: nn.Module,
+                   shapes: dict[str, tuple[int, ...]] | None = None) -> tuple[dict, set, set]:
     """(read plan, the file keys that belong to this component, keys deliberately not read)."""
     keys, fmt = ms.files[component].keys(), ms.fmt
-    ours = model.state_dict()
+    ours = state_shapes(model) if shapes is None else shapes
     if fmt == SVDLITE_FORMAT:
         prefix = SVDLITE_PREFIXES[component]
         return {k: Entry((prefix + k,)) for k in ours}, _with_prefix(keys, prefix), set()
     if component == "unet":
-        plan = unet_plan(fmt, ms.unet_config, ours)
-        return plan, unet_file_keys(fmt, keys), set(original_source_names(fmt, ms.unet_config, ours).values())
+        plan, ignored = unet_plan(fmt, ms.unet_config, ours)
+        return plan, unet_file_keys(fmt, keys), ignored
     if component == "vae_encoder":
         table = vae_keymap.encoder_key_map(ms.vae_config)
         if fmt == "original":
@@ -239,11 +239,19 @@ def build_component(component: str, ms: ModelSource, fold_cross_attention: bool 
 
 
 def load_component(ms: ModelSource, component: str, *, device="cpu", dtype=torch.float32) -> nn.Module:
+    if component == "unet":  # its ~100k objects built with the collector paused (loading.gc_paused)
+        with gc_paused():
+            return _load_component(ms, component, device=device, dtype=dtype)
+    return _load_component(ms, component, device=device, dtype=dtype)
+
+
+def _load_component(ms: ModelSource, component: str, *, device, dtype) -> nn.Module:
     model = build_component(component, ms)
-    plan, scope, ignored = component_plan(ms, component, model)
+    shapes = state_shapes(model)
+    plan, scope, ignored = component_plan(ms, component, model, shapes)
     label = f"{ms.fmt}-format {component} ({ms.path})"
     model = load_planned(model, ms.files[component], plan, scope=scope, ignored=ignored, dtype=dtype, device=device,
-                         label=label)
+                         label=label, shapes=shapes)
     if component == "unet":
         return mark_stored_blend(model, ms.files["unet"])
     return model

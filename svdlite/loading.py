@@ -10,6 +10,8 @@ any other is converted piecewise from a read-only memory map into a new tensor o
 pages dropped from the process once converted, so the file never counts towards the process's memory and the
 model is never held twice (peak = the loaded model + one piece).
 """
+import contextlib
+import gc
 import json
 import mmap
 import struct
@@ -195,11 +197,13 @@ def original_source_names(fmt: str, config: UNetConfig, svdlite_keys) -> dict[st
     raise AssertionError(fmt)
 
 
-def unet_read_plan(fmt: str, config: UNetConfig, expected: dict[str, tuple]) -> dict[str, tuple[str, ...]]:
-    """{svdlite key: file keys it is computed from}; folded tensors come from two attn2 tensors."""
+def unet_read_plan(fmt: str, config: UNetConfig, expected: dict[str, tuple],
+                   names: dict[str, str] | None = None) -> dict[str, tuple[str, ...]]:
+    """{svdlite key: file keys it is computed from}; folded tensors come from two attn2 tensors.
+    names: `original_source_names(fmt, config, expected)`, if the caller has it already."""
     if fmt == SVDLITE_FORMAT:
         return {k: (SVDLITE_UNET_PREFIX + k,) for k in expected}
-    names = original_source_names(fmt, config, expected)
+    names = original_source_names(fmt, config, expected) if names is None else names
     return {k: tuple(names[s] for s in fold_sources(k)) for k in expected}
 
 
@@ -246,14 +250,21 @@ class Entry:
     shape: Callable | None = None  # the combined shape from the sources' shapes (default: combine on meta tensors)
 
 
+def state_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    """{state_dict key: shape} of a model (built on the meta device: nothing is allocated)."""
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
 def load_planned(model: nn.Module, src: TensorSource, plan: dict[str, Entry], *, scope: set[str],
-                 ignored: set[str] = frozenset(), dtype: torch.dtype, device, label: str) -> nn.Module:
-    """Strictly load `model` (built on the meta device) from `src` following `plan`.
+                 ignored: set[str] = frozenset(), dtype: torch.dtype, device, label: str,
+                 shapes: dict[str, tuple[int, ...]] | None = None) -> nn.Module:
+    """Strictly load `model` (built on the meta device) from `src` following `plan`, in eval mode, no gradients.
 
     scope: the file's keys that belong to this component; any not in the plan and not deliberately `ignored`
     is unexpected. All problems are collected and raised as one CheckpointError naming the keys.
+    shapes: `state_shapes(model)`, if the caller has it already (a walk over the modules less).
     """
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    expected = state_shapes(model) if shapes is None else shapes
     if set(plan) != set(expected):
         raise AssertionError(f"{label}: read plan and model disagree: {_fmt_keys(set(plan) ^ set(expected))}")
     needed = {s for e in plan.values() for s in e.sources}
@@ -291,33 +302,44 @@ def load_planned(model: nn.Module, src: TensorSource, plan: dict[str, Entry], *,
         else:
             state[key] = entry.combine(*(src.get(s, work, device) for s in entry.sources)).to(dtype)
     src.release_buffer()
-    assign_state(model, state)
-    left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    left = assign_state(model, state)
     if left:
         raise CheckpointError(f"{label}: tensors left unloaded: {_fmt_keys(left)}")
-    return model.eval().requires_grad_(False)
+    return model
 
 
-def assign_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Make each tensor of `state` the model's parameter or buffer of that name, as `load_state_dict(state,
-    strict=True, assign=True)` does once keys and shapes are checked (`load_planned` checks them first): one pass over
-    the keys instead of torch's walk of every module with every key (0.04-0.08 s of a 0.15 s UNet load)."""
+def assign_state(model: nn.Module, state: dict[str, torch.Tensor]) -> list[str]:
+    """Make each tensor of `state` the model's parameter (requires_grad=False) or buffer of that name, as
+    `load_state_dict(state, strict=True, assign=True)` does once keys and shapes are checked (`load_planned` checks
+    them first), and put every module in eval mode, in one pass over the modules and one over the keys (torch's
+    walks of every module with every key, then `eval()` and `requires_grad_()`, cost 0.04-0.08 s of a 0.15 s UNet
+    load). Returns the names of the parameters and buffers still on the meta device (none if `state` is complete)."""
     modules = dict(model.named_modules())
     for key, value in state.items():
         owner, _, leaf = key.rpartition(".")
         module = modules[owner]
         if leaf in module._parameters:
-            module.register_parameter(leaf, nn.Parameter(value, requires_grad=False))
+            module._parameters[leaf] = nn.Parameter(value, requires_grad=False)
         elif leaf in module._buffers and leaf not in module._non_persistent_buffers_set:
-            module.register_buffer(leaf, value)
+            module._buffers[leaf] = value
         else:
             raise AssertionError(f"{key} is neither a parameter nor a saved buffer of the model")
+    left = []
+    for name, module in modules.items():
+        module.training = False
+        left += [f"{name}.{k}".lstrip(".") for k, t in (*module._parameters.items(), *module._buffers.items())
+                 if t is not None and t.is_meta]
+    return left
 
 
-def unet_plan(fmt: str, config: UNetConfig, expected) -> dict[str, Entry]:
+def unet_plan(fmt: str, config: UNetConfig, expected) -> tuple[dict[str, Entry], set[str]]:
+    """The UNet's read plan for a file of this format, and the file keys it deliberately leaves unread (every
+    original tensor of the network; those it does not read are attn2's to_q/to_k)."""
+    names = None if fmt == SVDLITE_FORMAT else original_source_names(fmt, config, expected)
     fold = Entry((), fold_matmul, fold_shape)
-    return {k: Entry(srcs, fold.combine, fold.shape) if len(srcs) == 2 else Entry(srcs)
-            for k, srcs in unet_read_plan(fmt, config, expected).items()}
+    plan = {k: Entry(srcs, fold.combine, fold.shape) if len(srcs) == 2 else Entry(srcs)
+            for k, srcs in unet_read_plan(fmt, config, expected, names).items()}
+    return plan, set() if names is None else set(names.values())
 
 
 # svdlite files written by the converters of stops 13-15 say so in their metadata: their VideoResBlocks'
@@ -342,6 +364,22 @@ def mark_stored_blend(unet: VideoUNet, src: TensorSource) -> VideoUNet:
     return unet
 
 
+@contextlib.contextmanager
+def gc_paused():
+    """Python's cyclic garbage collector paused while a model is built and loaded (and restored as it was): building
+    the UNet allocates ~100k objects, which set off collections that each walk every live object, more so beside an
+    already loaded model (docs/SPEED.md). Reference counting frees the tensors as ever; only cycles wait. Meant for
+    svdlite's own module building: an import inside it (open_clip's, say) would leave its cycles, and their
+    finalizers, to a collection in the middle of sampling."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
 def _stored_config(src: TensorSource, fmt: str) -> UNetConfig:
     """The network a file declares: svdlite metadata, a diffusers config.json beside the weights, else SVD's."""
     if fmt == SVDLITE_FORMAT and "unet_config" in src.metadata:
@@ -363,6 +401,12 @@ def load_unet(source, config: UNetConfig | None = None, *, device="cpu", dtype: 
     fold_cross_attention=False (ablation only) loads the original attn2 weights and computes them at every call;
     "temporal" folds only the temporal blocks' (the VCUT paper's variant).
     """
+    with gc_paused():
+        return _load_unet(source, config, device=device, dtype=dtype, fold_cross_attention=fold_cross_attention,
+                          return_source=return_source)
+
+
+def _load_unet(source, config, *, device, dtype, fold_cross_attention, return_source):
     src, fmt = open_unet_source(source)
     if config is None:
         config = _stored_config(src, fmt)
@@ -371,11 +415,11 @@ def load_unet(source, config: UNetConfig | None = None, *, device="cpu", dtype: 
                               "unfolded ablation needs an original or diffusers checkpoint")
     with torch.device("meta"):
         model = VideoUNet(config, fold_cross_attention=fold_cross_attention, fold_product=fmt == SVDLITE_FORMAT)
-    plan = unet_plan(fmt, config, model.state_dict())
-    ignored = set(original_source_names(fmt, config, model.state_dict()).values()) if fmt != SVDLITE_FORMAT else set()
+    shapes = state_shapes(model)
+    plan, ignored = unet_plan(fmt, config, shapes)
     label = (f"{fmt}-format UNet ({src.files[0].name}) for UNetConfig(model_channels={config.model_channels}, "
              f"channel_mult={config.channel_mult}, context_dim={config.context_dim})")
     load_planned(model, src, plan, scope=unet_file_keys(fmt, src.keys()), ignored=ignored, dtype=dtype,
-                 device=device, label=label)
+                 device=device, label=label, shapes=shapes)
     mark_stored_blend(model, src)
     return (model, src) if return_source else model

@@ -90,6 +90,26 @@ def test_sigterm_during_sampling_exits_cleanly_and_writes_nothing(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_sigterm_inside_a_finalizer_is_sent_again_after_it(monkeypatch):
+    """A SIGTERM handled while the garbage collector runs a `__del__` would raise where Python drops exceptions
+    (seen: regex's Group.__del__ during sampling, the run then went on and wrote its file); the handler sends it
+    again instead, and raises Terminated anywhere else."""
+    sent = []
+    monkeypatch.setattr(cli.os, "kill", lambda pid, signum: sent.append((pid, signum)))
+
+    class Finalized:
+        def __del__(self):
+            cli._raise_terminated(signal.SIGTERM, sys._getframe())
+
+    Finalized()  # its __del__ runs here, and must not raise
+    deadline = time.monotonic() + 10
+    while not sent and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert sent == [(os.getpid(), signal.SIGTERM)]
+    with pytest.raises(cli.Terminated):
+        cli._raise_terminated(signal.SIGTERM, sys._getframe())
+
+
 def test_sigterm_while_writing_leaves_no_partial_file(tmp_path, monkeypatch, capsys):
     frames = torch.zeros(4, 64, 64, 3, dtype=torch.uint8)
     original = av.VideoFrame.from_ndarray
