@@ -4,10 +4,10 @@ An svdlite file is one safetensors file: keys `<component>.<module key>` for the
 `vae_encoder`, `vae_decoder`, `image_encoder`), the cross-attention stored only as the folded `attn2_fold`
 projections (computed in float32 and rounded once to the file's dtype, so loading changes no tensor and a file in
 the model's dtype is used in place), and metadata: format, format_version, components, preset, the configs, source
-sha256, svdlite version. Every tensor whose size is a multiple of 64 bytes starts at a 64-byte boundary of the file (the rest
-follow them), so loading in the stored dtype uses the memory map in place (loading.ALIGNMENT). Writing goes to a
-temporary file beside the target, which is reloaded and checked tensor by tensor
-before it is renamed into place; on any failure nothing is left behind and an existing file is untouched.
+sha256, svdlite version. Every tensor whose size is a multiple of 64 bytes starts at a 64-byte boundary of the file
+(the rest follow them), so loading in the stored dtype uses the memory map in place (loading.ALIGNMENT). Writing
+goes to a temporary file beside the target, which is reloaded and checked tensor by tensor before it is renamed
+into place; on any failure nothing is left behind and an existing file is untouched.
 """
 import dataclasses
 import hashlib

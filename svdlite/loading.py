@@ -354,7 +354,7 @@ def blend_is_stored_folded(src: TensorSource) -> bool:
 
 def mark_stored_blend(unet: VideoUNet, src: TensorSource) -> VideoUNet:
     """Mark each VideoResBlock of `unet`, loaded from `src`, as holding the blend folded in if the file says so
-    (`VideoResBlock.branch_scale` is then 1.0); other files' tensors are used as they are."""
+    (`VideoResBlock.branch_scale` is then 1 for video frames); other files' tensors are used as they are."""
     from .unet_blocks import VideoResBlock
 
     if blend_is_stored_folded(src):
@@ -367,8 +367,8 @@ def mark_stored_blend(unet: VideoUNet, src: TensorSource) -> VideoUNet:
 @contextlib.contextmanager
 def gc_paused():
     """Python's cyclic garbage collector paused while a model is built and loaded (and restored as it was): building
-    the UNet allocates ~100k objects, which set off collections that each walk every live object, more so beside an
-    already loaded model (docs/SPEED.md). Reference counting frees the tensors as ever; only cycles wait. Meant for
+    the UNet leaves ~27k tracked objects, whose allocation sets off collections that each walk every live object,
+    more so beside an already loaded model (docs/SPEED.md). Reference counting frees the tensors as ever; only cycles wait. Meant for
     svdlite's own module building: an import inside it (open_clip's, say) would leave its cycles, and their
     finalizers, to a collection in the middle of sampling."""
     enabled = gc.isenabled()

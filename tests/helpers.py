@@ -1,4 +1,8 @@
-"""Test helpers: synthetic checkpoints in the original sgm layout, made from a config (nothing downloaded)."""
+"""Test helpers: synthetic checkpoints in the original sgm layout, made from a config (nothing downloaded), and the
+tools/ scripts as modules."""
+import importlib.util
+from pathlib import Path
+
 import torch
 from safetensors.torch import save_file
 
@@ -6,7 +10,17 @@ from svdlite import UNetConfig
 from svdlite.testing import original_unet_shapes, random_tensors
 from svdlite.unet_keymap import ORIGINAL_PREFIX
 
-__all__ = ["TINY", "original_unet_shapes", "random_tensors", "write_original_unet"]
+__all__ = ["TINY", "load_tool", "original_unet_shapes", "random_tensors", "write_original_unet"]
+
+TOOLS = Path(__file__).resolve().parents[1] / "tools"
+
+
+def load_tool(name: str):
+    """tools/<name>.py as a module (the tools are scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(name, TOOLS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def write_original_unet(path, config: UNetConfig, seed: int = 0, dtype=torch.float32, edit=None) -> dict:

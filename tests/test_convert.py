@@ -1,7 +1,6 @@
 """tools/convert_weights.py: original and diffusers sources to svdlite files, checked by reloading.
 
 Tiny configs; the full-size conversion is in test_convert_full.py."""
-import importlib.util
 import json
 from pathlib import Path
 
@@ -19,10 +18,10 @@ from svdlite.testing import original_checkpoint_shapes, random_tensors
 from svdlite.unet import UNetConfig
 from svdlite.vae import VAEConfig
 
+from helpers import load_tool
+
 REPO = Path(__file__).resolve().parents[1]
-spec = importlib.util.spec_from_file_location("convert_weights", REPO / "tools" / "convert_weights.py")
-convert_weights = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(convert_weights)
+convert_weights = load_tool("convert_weights")
 
 UNET = UNetConfig(model_channels=64, channel_mult=(1, 1, 1, 1), context_dim=1024)  # 64-wide heads, as SVD
 VAE = VAEConfig(ch=32, ch_mult=(1, 1, 1, 1))
@@ -102,12 +101,27 @@ def test_refuses_to_overwrite_and_leaves_nothing_on_failure(original, tmp_path, 
     assert out.read_bytes() == b"precious" and "--force" in capsys.readouterr().err
     broken = tmp_path / "broken_svd.safetensors"
     write_original(broken, edit=lambda t: t.__setitem__("model.diffusion_model.out.2.weight", torch.zeros(5, 32, 3, 3)))
-    assert run(broken, out, "--force") == 1
+    assert run(broken, out, "--force") == 2  # refused: a bad checkpoint, as `svdlite generate` refuses it
     assert out.read_bytes() == b"precious" and "out.2.weight" in capsys.readouterr().err
     target = tmp_path / "new.safetensors"
-    assert run(broken, target) == 1 and not target.exists()
+    assert run(broken, target) == 2 and not target.exists()
     assert leftovers(tmp_path) == []
     assert run(original, out, "--force") == 0 and out.read_bytes()[:8] != b"precious"
+
+
+def test_failure_while_converting_exits_1_and_debug_shows_it(original, tmp_path, monkeypatch, capsys):
+    """Exit codes as the `svdlite` command's: a failure after the checks (here a write error) is 1 with one line,
+    and --debug raises it with its traceback."""
+    def fail(*args, **kwargs):
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(convert_weights, "convert", fail)
+    out = tmp_path / "out.safetensors"
+    assert run(original, out) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("svdlite: error: OSError: No space left on device") and not out.exists()
+    with pytest.raises(OSError, match="No space left"):
+        run(original, out, "--debug")
 
 
 def test_source_without_image_encoder_converts_with_a_warning(tmp_path, capsys):

@@ -5,7 +5,6 @@ Writes ~4.5 GB (source) + ~4.4 GB (converted) into a temporary folder that is de
 """
 import csv
 import gc
-import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -18,11 +17,11 @@ from safetensors.torch import save_file
 from svdlite import load_unet
 from svdlite.testing import random_tensors
 
+from helpers import load_tool
+
 REPO = Path(__file__).resolve().parents[1]
 KEYMAPS = REPO.parent / "shared" / "keymaps"
-spec = importlib.util.spec_from_file_location("convert_weights", REPO / "tools" / "convert_weights.py")
-convert_weights = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(convert_weights)
+convert_weights = load_tool("convert_weights")
 
 EXPECTED = {"unet": 1_449_502_442, "vae_encoder": 34_163_592 + 72, "vae_decoder": 63_579_183,
             "image_encoder": 632_076_800}  # vae_encoder: encoder + quant_conv (8*8 + 8)

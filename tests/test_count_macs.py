@@ -1,5 +1,4 @@
 """tools/count_macs.py: parameter and MAC counts of the full-size networks (meta device) against PAPERS.md section 1."""
-import importlib.util
 import json
 import subprocess
 import sys
@@ -10,17 +9,12 @@ import torch
 
 from svdlite.attention import CrossAttention, SelfAttention
 
-TOOL = Path(__file__).resolve().parents[1] / "tools" / "count_macs.py"
+from helpers import TOOLS, load_tool
+
+TOOL = TOOLS / "count_macs.py"
 
 
-def _load_tool():
-    spec = importlib.util.spec_from_file_location("count_macs", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-cm = _load_tool()
+cm = load_tool("count_macs")
 ORIGINAL_PARAMS = 1_524_623_082
 VCUT_PARAMS = 1_449_502_442
 TEMPORAL_ATTN2, TEMPORAL_FOLD = 50_352_320, 12_792_000

@@ -2,8 +2,9 @@
 
 A tiny diffusers SVD pipeline (UNetSpatioTemporalConditionModel, AutoencoderKLTemporalDecoder,
 CLIPVisionModelWithProjection, CLIPImageProcessor, EulerDiscreteScheduler configured like SVD's
-scheduler_config.json) is built with every parameter randomised (svdlite.testing.random_tensors: diffusers' own
-init zeroes mix factors and several projections, which would hide mistakes), saved with `save_pretrained`, then
+scheduler_config.json) is built by tools/bench_generate.py's `write_pipeline` (the benchmark's whole-run pipeline,
+at tiny width) with every parameter randomised (svdlite.testing.random_tensors: diffusers' own init zeroes mix
+factors and several projections, which would hide mistakes), saved with `save_pretrained`, then
 loaded by both sides: diffusers through `from_pretrained`, svdlite through `load_model(folder)`. Both run the same
 image (exactly width x height, so neither resizes it), settings and seed, and we compare the final latents, the
 float frames and the uint8 frames. Diffusers' final latents come from `callback_on_step_end` at the last step of
@@ -33,8 +34,10 @@ import torch
 from svdlite.clip import CLIPVisionConfig
 from svdlite.components import load_model
 from svdlite.pipeline import decode, generate
-from svdlite.testing import random_tensors
 
+from helpers import load_tool
+
+bench_generate = load_tool("bench_generate")
 # diffusers and transformers (the `test` extra) are imported where they are used, so collecting this file stays
 # cheap; a missing one is an error, not a skip.
 # diffusers' EulerDiscreteScheduler calls np.array on a tensor with copy=False (numpy 2 deprecation), not ours
@@ -46,14 +49,6 @@ SETTINGS = dict(num_frames=FRAMES, num_inference_steps=STEPS, fps=7, motion_buck
                 min_guidance_scale=1.0, max_guidance_scale=2.5, decode_chunk_size=CHUNK, height=HEIGHT, width=WIDTH)
 NO_CFG = dict(min_guidance_scale=0.5, max_guidance_scale=1.0)  # max <= 1: both skip guidance (min is then unused)
 
-# SVD's scheduler/scheduler_config.json (stabilityai/stable-video-diffusion-img2vid[-xt]); the DDPM-only keys
-# set_alpha_to_one, skip_prk_steps, clip_sample are not EulerDiscreteScheduler arguments and are left out.
-SCHEDULER_CONFIG = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                        prediction_type="v_prediction", interpolation_type="linear", use_karras_sigmas=True,
-                        sigma_min=0.002, sigma_max=700.0, timestep_spacing="leading", timestep_type="continuous",
-                        steps_offset=1)
-
-
 def rel_err(a, b) -> float:
     """Max absolute difference over the reference's max magnitude."""
     a, b = torch.as_tensor(a).double(), torch.as_tensor(b).double()
@@ -64,35 +59,9 @@ def abs_err(a, b) -> float:
     return (torch.as_tensor(a).double() - torch.as_tensor(b).double()).abs().max().item()
 
 
-def _randomize(module: torch.nn.Module, seed: int) -> None:
-    params = dict(module.named_parameters())
-    values = random_tensors({k: tuple(p.shape) for k, p in params.items()}, seed)
-    with torch.no_grad():
-        for k, p in params.items():
-            p.copy_(values[k])
-
-
 def build_tiny_pipeline(folder) -> None:
-    from diffusers import (AutoencoderKLTemporalDecoder, EulerDiscreteScheduler, StableVideoDiffusionPipeline,
-                           UNetSpatioTemporalConditionModel)
-    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
-
-    unet = UNetSpatioTemporalConditionModel(
-        sample_size=8, in_channels=8, out_channels=4, block_out_channels=(32, 32, 64, 64),
-        num_attention_heads=(2, 2, 4, 4), layers_per_block=1, transformer_layers_per_block=1, cross_attention_dim=48,
-        addition_time_embed_dim=256, projection_class_embeddings_input_dim=768, num_frames=FRAMES)
-    vae = AutoencoderKLTemporalDecoder(
-        down_block_types=("DownEncoderBlock2D",) * 4, block_out_channels=(32, 32, 64, 64), layers_per_block=2,
-        latent_channels=4, sample_size=64)
-    image_encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(
-        hidden_size=32, intermediate_size=128, projection_dim=48, num_hidden_layers=2, num_attention_heads=4,
-        image_size=224, patch_size=14, hidden_act="gelu", layer_norm_eps=1e-5))
-    for seed, module in enumerate((unet, vae, image_encoder)):
-        _randomize(module, 1000 + seed)
-    pipe = StableVideoDiffusionPipeline(vae=vae, image_encoder=image_encoder, unet=unet,
-                                        scheduler=EulerDiscreteScheduler(**SCHEDULER_CONFIG),
-                                        feature_extractor=CLIPImageProcessor())
-    pipe.save_pretrained(folder)
+    """The tiny pipeline, float32 files, random weights (seeds 1000-1002), its UNet configured for FRAMES frames."""
+    bench_generate.write_pipeline(folder, "tiny", 0, num_frames=FRAMES, fp16=False)
 
 
 def make_image():

@@ -2,10 +2,8 @@
 
 No timing is asserted anywhere (the machine's speed is not a test); only shapes, keys and exact equalities.
 """
-import importlib.util
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,18 +11,10 @@ import torch
 import svdlite
 from svdlite.loading import load_unet
 
-TOOLS = Path(__file__).resolve().parents[1] / "tools"
+from helpers import load_tool
 
-
-def _load_tool(name: str):
-    spec = importlib.util.spec_from_file_location(name, TOOLS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-bm = _load_tool("benchmark")
-mo = _load_tool("measure_options")
+bm = load_tool("benchmark")
+mo = load_tool("measure_options")
 QUIET = lambda msg: None  # noqa: E731
 
 

@@ -22,7 +22,8 @@ import torch
 
 SETTINGS = dict(num_frames=14, num_inference_steps=3, fps=7, motion_bucket_id=127, noise_aug_strength=0.02,
                 min_guidance_scale=1.0, max_guidance_scale=2.5, decode_chunk_size=14, height=128, width=128)
-# SVD's scheduler/scheduler_config.json, as tests/test_pipeline_diffusers.py
+# SVD's scheduler/scheduler_config.json (stabilityai/stable-video-diffusion-img2vid[-xt]); the DDPM-only keys
+# set_alpha_to_one, skip_prk_steps, clip_sample are not EulerDiscreteScheduler arguments and are left out
 SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                  prediction_type="v_prediction", interpolation_type="linear", use_karras_sigmas=True, sigma_min=0.002,
                  sigma_max=700.0, timestep_spacing="leading", timestep_type="continuous", steps_offset=1)
@@ -39,14 +40,18 @@ def _randomize(module: torch.nn.Module, seed: int) -> None:
             p.copy_(values[k])
 
 
-def write_pipeline(folder: Path, width: str, seed: int) -> None:
-    """The diffusers SVD pipeline folder (fp16 variant files) at SVD's width ("full") or a tiny one."""
+def write_pipeline(folder: Path, width: str, seed: int, *, num_frames: int = 14, fp16: bool = True) -> None:
+    """A diffusers SVD pipeline folder at SVD's width ("full") or a tiny one, every parameter random
+    (svdlite.testing.random_tensors, seeds seed + 1000, 1001, 1002: diffusers' own init zeroes mix factors and several
+    projections, which would hide mistakes); fp16 variant files as the released checkpoints ship, or float32.
+    num_frames: the UNet config's default frame count (a run's own count is an argument of the call).
+    tests/test_pipeline_diffusers.py builds its tiny pipeline here too."""
     from diffusers import (AutoencoderKLTemporalDecoder, EulerDiscreteScheduler, StableVideoDiffusionPipeline,
                            UNetSpatioTemporalConditionModel)
     from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
 
     if width == "full":
-        unet = UNetSpatioTemporalConditionModel(num_frames=14)  # diffusers' defaults are SVD's network
+        unet = UNetSpatioTemporalConditionModel(num_frames=num_frames)  # diffusers' defaults are SVD's network
         # SVD's vae/config.json (diffusers' defaults are a one-level autoencoder)
         vae = AutoencoderKLTemporalDecoder(down_block_types=("DownEncoderBlock2D",) * 4,
                                            block_out_channels=(128, 256, 512, 512), layers_per_block=2,
@@ -59,9 +64,10 @@ def write_pipeline(folder: Path, width: str, seed: int) -> None:
             sample_size=8, in_channels=8, out_channels=4, block_out_channels=(32, 32, 64, 64),
             num_attention_heads=(2, 2, 4, 4), layers_per_block=1, transformer_layers_per_block=1,
             cross_attention_dim=48, addition_time_embed_dim=256, projection_class_embeddings_input_dim=768,
-            num_frames=14)
+            num_frames=num_frames)
         vae = AutoencoderKLTemporalDecoder(down_block_types=("DownEncoderBlock2D",) * 4,
-                                           block_out_channels=(32, 32, 64, 64), layers_per_block=2, latent_channels=4)
+                                           block_out_channels=(32, 32, 64, 64), layers_per_block=2, latent_channels=4,
+                                           sample_size=64)
         clip = CLIPVisionConfig(hidden_size=32, intermediate_size=128, projection_dim=48, num_hidden_layers=2,
                                 num_attention_heads=4, image_size=224, patch_size=14, hidden_act="gelu",
                                 layer_norm_eps=1e-5)
@@ -71,7 +77,10 @@ def write_pipeline(folder: Path, width: str, seed: int) -> None:
     pipe = StableVideoDiffusionPipeline(vae=vae, image_encoder=image_encoder, unet=unet,
                                         scheduler=EulerDiscreteScheduler(**SCHEDULER),
                                         feature_extractor=CLIPImageProcessor())
-    pipe.to(torch.float16).save_pretrained(folder, variant="fp16")
+    if fp16:
+        pipe.to(torch.float16).save_pretrained(folder, variant="fp16")
+    else:
+        pipe.save_pretrained(folder)
 
 
 def make_image(height: int, width: int):

@@ -7,8 +7,9 @@
 
 Parts (`--parts`, default unet):
   unet      below; at each `--sizes` (pixels; 128x128 and 256x256 are 16x16 and 32x32 latents), with the MACs of
-            the evaluation (tools/count_macs.py, full width) beside this machine's fp32 matmul rate measured in the
-            same run (best of five 2048^3 products): the achieved fraction of the compute roofline;
+            the evaluation (tools/count_macs.py, full width) beside this machine's fp32 product rates measured in
+            the same run (best of five 2048^3 products as torch matmul and as a oneDNN 1x1 convolution, the faster
+            being the compute roofline): the achieved fraction of the roofline;
   loading   the full-size UNet loaded to float32 and float16 in fresh processes, diffusers from its fp16 folder,
             svdlite from that folder, an original-layout fp16 file and its converted file (tools/bench_loading.py);
   generate  a whole `generate` against `StableVideoDiffusionPipeline`, same image and noise, 14 frames, 128x128,
@@ -234,18 +235,27 @@ def profile_calls(runner: Runner, names, rows: int = 12) -> dict[str, str]:
     return tables
 
 
-def matmul_rate(threads: int, n: int = 2048, repeats: int = 5) -> float:
-    """This machine's fp32 matmul rate (MAC/s, best of `repeats` n x n x n products): the compute roofline."""
+def product_rates(threads: int, n: int = 2048, repeats: int = 5) -> dict[str, float]:
+    """This machine's fp32 rate for one n x n x n product (MAC/s, best of `repeats`) through each kernel family the
+    networks use: "matmul" (`a @ b`, torch's GEMM, what diffusers' linear layers run) and "linear_as_conv"
+    (`layers.linear`, the same product as a oneDNN 1x1 convolution, what svdlite's linear layers run). The faster
+    is the compute roofline: on an AVX2 machine the two were within 10-40% of each other, on an AVX-512 one oneDNN's
+    convolution ran well ahead of the GEMM (docs/SPEED.md)."""
+    from svdlite.layers import linear
+
     torch.set_num_threads(threads)
     g = torch.Generator().manual_seed(0)
     a, b = torch.randn(n, n, generator=g), torch.randn(n, n, generator=g)
-    a @ b
-    best = math.inf
-    for _ in range(repeats):
-        start = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - start)
-    return n ** 3 / best
+    rates = {}
+    for name, product in (("matmul", lambda: a @ b), ("linear_as_conv", lambda: linear(a, b))):
+        product()
+        best = math.inf
+        for _ in range(repeats):
+            start = time.perf_counter()
+            product()
+            best = min(best, time.perf_counter() - start)
+        rates[name] = n ** 3 / best
+    return rates
 
 
 def unet_macs(frames: int, height: int, width: int) -> int | None:
@@ -322,8 +332,10 @@ def benchmark(config: UNetConfig, frames: int = 14, height: int = 64, width: int
                 outputs[hw]["unfolded"] = runner.run("unfolded")
             del model
     result["memory_mode"] = "phased" if phased else ("all three loaded" if unfolded else "diffusers and svdlite")
-    rate = matmul_rate(torch.get_num_threads())
-    result["matmul_mac_per_s"] = rate
+    rates = product_rates(torch.get_num_threads())
+    rate = max(rates.values())
+    result.update(matmul_mac_per_s=rates["matmul"], linear_as_conv_mac_per_s=rates["linear_as_conv"],
+                  roofline_mac_per_s=rate)
     result["sizes"] = []
     for hw, runner in runners.items():
         ref = outputs[hw]["svdlite"]
@@ -360,7 +372,7 @@ def benchmark(config: UNetConfig, frames: int = 14, height: int = 64, width: int
                "macs": macs}
         if macs:
             svd_rate = macs / row["seconds_per_call"]["svdlite"]["median"]
-            row.update(svdlite_mac_per_s=svd_rate, svdlite_fraction_of_matmul=svd_rate / rate,
+            row.update(svdlite_mac_per_s=svd_rate, svdlite_fraction_of_roofline=svd_rate / rate,
                        diffusers_mac_per_s=macs / row["seconds_per_call"]["diffusers"]["median"])
         result["sizes"].append(row)
     first = result["sizes"][0]
@@ -382,7 +394,9 @@ def print_table(r: dict, command: str) -> None:
           f"interleaved rounds; memory: {r['memory_mode']}")
     print(f"load average (1/5/15 min) at start {r['load_average_start']}, at end {r['load_average_end']} "
           f"(> {r['threads']} means other processes competed for the cores)")
-    print(f"fp32 matmul rate measured in this run (2048^3, best of 5): {r['matmul_mac_per_s'] / 1e9:.1f} GMAC/s")
+    print(f"fp32 product rate measured in this run (2048^3, best of 5): torch matmul {r['matmul_mac_per_s'] / 1e9:.1f} "
+          f"GMAC/s, as a oneDNN 1x1 convolution (layers.linear) {r['linear_as_conv_mac_per_s'] / 1e9:.1f} GMAC/s; "
+          f"roofline = the faster")
     labels = {"unfolded": "svdlite unfolded (fold_cross_attention=False)",
               "diffusers_sgm_eps": "diffusers with the original GroupNorm eps 1e-5",
               "diffusers": "diffusers as shipped (eps 1e-6 in some ResBlocks)"}
@@ -408,7 +422,7 @@ def print_table(r: dict, command: str) -> None:
             print(f"{'unfolded/svdlite time (>1: fold faster)':<44}{st['median']:>14.3f}{st['min']:>9.3f}{st['max']:>9.3f}")
         if row["macs"]:
             print(f"MACs per evaluation (tools/count_macs.py): {row['macs'] / 1e9:.1f} G; svdlite at "
-                  f"{row['svdlite_fraction_of_matmul']:.0%} of the matmul rate")
+                  f"{row['svdlite_fraction_of_roofline']:.0%} of the roofline")
     if "profile" in r:
         for n, table in r["profile"].items():
             print(f"\ntorch.profiler, one call of {n} (top ops by self CPU time):\n{table}")

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from svdlite.cli import EXIT_INTERRUPTED, EXIT_TERMINATED, Terminated, sigterm_raises
+from svdlite.cli import run_cleanly
 from svdlite.components import open_model_source
 from svdlite.convert import convert
 from svdlite.presets import PRESETS
@@ -23,8 +23,23 @@ from svdlite.presets import PRESETS
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
+def convert_command(args) -> int:
+    if args.out.exists() and not args.force:
+        raise FileExistsError(f"{args.out} exists; pass --force to overwrite it")
+    if args.out.resolve() == args.src.resolve():
+        raise ValueError(f"OUT must differ from SRC ({args.src})")
+    source = open_model_source(args.src, args.preset, require_all=False)
+    print(f"source: {args.src} ({source.fmt} format, preset {source.preset})")
+    convert(source, args.out, dtype=DTYPES[args.dtype], force=args.force, progress=not args.no_progress)
+    return 0
+
+
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    """Exit codes as the `svdlite` command's (`cli.run_cleanly`): 0 done, 1 failed while converting, 2 refused
+    (bad source checkpoint, existing OUT without --force), 130 Ctrl-C, 143 SIGTERM; the temporary file is removed."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                epilog="exit codes: 0 done, 1 failed while converting, 2 refused (bad source, "
+                                       "existing OUT), 130 Ctrl-C, 143 SIGTERM")
     p.add_argument("src", type=Path, help="original .safetensors file or diffusers folder")
     p.add_argument("out", type=Path, help="svdlite .safetensors file to write")
     p.add_argument("--dtype", choices=DTYPES, default="fp16", help="stored dtype (default fp16)")
@@ -32,28 +47,8 @@ def main(argv=None) -> int:
                    help="sampling defaults to record (default: guessed from the source's name / config)")
     p.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    args = p.parse_args(argv)
-    if args.out.exists() and not args.force:
-        print(f"error: {args.out} exists; pass --force to overwrite it", file=sys.stderr)
-        return 2
-    if args.out.resolve() == args.src.resolve():
-        print("error: OUT must differ from SRC", file=sys.stderr)
-        return 2
-    try:
-        with sigterm_raises():  # Ctrl-C and SIGTERM unwind, so the temporary file is removed
-            source = open_model_source(args.src, args.preset, require_all=False)
-            print(f"source: {args.src} ({source.fmt} format, preset {source.preset})")
-            convert(source, args.out, dtype=DTYPES[args.dtype], force=args.force, progress=not args.no_progress)
-    except (ValueError, OSError, RuntimeError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted; nothing was written", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    except Terminated:
-        print("terminated; nothing was written", file=sys.stderr)
-        return EXIT_TERMINATED
-    return 0
+    p.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+    return run_cleanly(convert_command, p.parse_args(argv))
 
 
 if __name__ == "__main__":
