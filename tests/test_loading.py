@@ -54,8 +54,9 @@ def test_same_dtype_uses_the_memory_map_in_place_at_any_alignment(tmp_path):
         for key, ref in tensors.items():
             got = src.get(key, torch.float16)
             assert torch.equal(got, ref)
-            assert got.untyped_storage().nbytes() == ref.nbytes  # the file's bytes (a fresh copy would be aligned)
             _, _, start, _ = src._layout[key]
+            storage = got.untyped_storage()  # a view of the whole file's map at the tensor's offset: not a copy
+            assert storage.nbytes() == src.files[0].stat().st_size and got.data_ptr() - storage.data_ptr() == start
             assert got.data_ptr() % ALIGNMENT == start % ALIGNMENT
     assert aligned._layout["w"][2] % ALIGNMENT == 0  # svdlite's writer: 64-byte aligned
     assert unaligned._layout["w"][2] % ALIGNMENT != 0  # safetensors': after the 2-byte pad, 2-byte aligned
