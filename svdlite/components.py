@@ -174,11 +174,10 @@ def _with_prefix(keys, prefix: str) -> set[str]:
     return {k for k in keys if k.startswith(prefix)}
 
 
-def component_plan(ms: ModelSource, component: str, model: nn.Module,
-                   shapes: dict[str, tuple[int, ...]] | None = None) -> tuple[dict, set, set]:
-    """(read plan, the file keys that belong to this component, keys deliberately not read)."""
+def component_plan(ms: ModelSource, component: str, ours: dict[str, tuple[int, ...]]) -> tuple[dict, set, set]:
+    """(read plan, the file keys that belong to this component, keys deliberately not read) for the component's
+    module whose `loading.state_shapes` are `ours`."""
     keys, fmt = ms.files[component].keys(), ms.fmt
-    ours = state_shapes(model) if shapes is None else shapes
     if fmt == SVDLITE_FORMAT:
         prefix = SVDLITE_PREFIXES[component]
         return {k: Entry((prefix + k,)) for k in ours}, _with_prefix(keys, prefix), set()
@@ -239,7 +238,7 @@ def build_component(component: str, ms: ModelSource, fold_cross_attention: bool 
 
 
 def load_component(ms: ModelSource, component: str, *, device="cpu", dtype=torch.float32) -> nn.Module:
-    if component == "unet":  # its ~100k objects built with the collector paused (loading.gc_paused)
+    if component == "unet":  # its ~27k objects built with the collector paused (loading.gc_paused)
         with gc_paused():
             return _load_component(ms, component, device=device, dtype=dtype)
     return _load_component(ms, component, device=device, dtype=dtype)
@@ -248,7 +247,7 @@ def load_component(ms: ModelSource, component: str, *, device="cpu", dtype=torch
 def _load_component(ms: ModelSource, component: str, *, device, dtype) -> nn.Module:
     model = build_component(component, ms)
     shapes = state_shapes(model)
-    plan, scope, ignored = component_plan(ms, component, model, shapes)
+    plan, scope, ignored = component_plan(ms, component, shapes)
     label = f"{ms.fmt}-format {component} ({ms.path})"
     model = load_planned(model, ms.files[component], plan, scope=scope, ignored=ignored, dtype=dtype, device=device,
                          label=label, shapes=shapes)
@@ -313,8 +312,8 @@ def describe(model) -> list[str]:
             lines.append(f"{component}: absent")
             incomplete.append(component)
             continue
-        model_ = build_component(component, ms)
-        plan, scope, _ = component_plan(ms, component, model_)
+        shapes = state_shapes(build_component(component, ms))
+        plan, scope, _ = component_plan(ms, component, shapes)
         src = ms.files[component]
         needed = {s for e in plan.values() for s in e.sources}
         if needed - src.keys():
@@ -323,7 +322,7 @@ def describe(model) -> list[str]:
             incomplete.append(component)
             continue
         in_file = sum(torch.Size(src.shape(k)).numel() for k in scope)
-        loaded = sum(p.numel() for p in model_.state_dict().values())
+        loaded = sum(torch.Size(shape).numel() for shape in shapes.values())
         total_file, total_loaded = total_file + in_file, total_loaded + loaded
         lines.append(f"{component}: {len(scope)} tensors, {in_file:,} parameters in the file; svdlite loads "
                      f"{loaded:,} from {len({s for e in plan.values() for s in e.sources})} tensors")

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from . import __version__, clip_keymap, vae_keymap
 from .components import COMPONENTS, SVDLITE_PREFIXES, ModelSource, build_component, component_plan
 from .loading import (ALIGNMENT, BLEND_FOLDED, BLEND_METADATA_KEY, SAFETENSORS_DTYPES, SVDLITE_FORMAT, CheckpointError,
-                      TensorSource, blend_is_stored_folded, load_planned)
+                      TensorSource, blend_is_stored_folded, load_planned, state_shapes)
 from .presets import PRESETS
 from .unet_keymap import NEVER_READ_SUFFIXES, ORIGINAL_PREFIX
 
@@ -145,9 +145,10 @@ def convert(ms: ModelSource, out: Path, *, dtype: torch.dtype = torch.float16, f
     tensors, counts = {}, {}
     for component in tqdm(components, desc="converting", unit="component", disable=not progress):
         model = build_component(component, ms, fold_product=True)  # the product, computed here once
-        plan, scope, ignored = component_plan(ms, component, model)
+        shapes = state_shapes(model)
+        plan, scope, ignored = component_plan(ms, component, shapes)
         load_planned(model, ms.files[component], plan, scope=scope, ignored=ignored, dtype=dtype, device="cpu",
-                     label=f"{ms.fmt}-format {component} ({ms.path})")
+                     label=f"{ms.fmt}-format {component} ({ms.path})", shapes=shapes)
         state = {k: v.contiguous() for k, v in model.state_dict().items()}
         counts[component] = sum(v.numel() for v in state.values())
         tensors.update({SVDLITE_PREFIXES[component] + k: v for k, v in state.items()})

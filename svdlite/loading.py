@@ -214,21 +214,19 @@ def original_source_names(fmt: str, config: UNetConfig, svdlite_keys) -> dict[st
     raise AssertionError(fmt)
 
 
-def unet_read_plan(fmt: str, config: UNetConfig, expected: dict[str, tuple],
-                   names: dict[str, str] | None = None) -> dict[str, tuple[str, ...]]:
+def unet_read_plan(fmt: str, expected: dict[str, tuple], names: dict[str, str] | None) -> dict[str, tuple[str, ...]]:
     """{svdlite key: file keys it is computed from}; folded tensors come from two attn2 tensors.
-    names: `original_source_names(fmt, config, expected)`, if the caller has it already."""
+    names: `original_source_names(fmt, config, expected)` (None for an svdlite file)."""
     if fmt == SVDLITE_FORMAT:
         return {k: (SVDLITE_UNET_PREFIX + k,) for k in expected}
-    names = original_source_names(fmt, config, expected) if names is None else names
     return {k: tuple(names[s] for s in fold_sources(k)) for k in expected}
 
 
 def expected_unet_source_keys(fmt: str, config: UNetConfig = UNetConfig()) -> set[str]:
     """Every key the loader reads from a file of this format (excludes the never-read attn2 to_q / to_k)."""
     with torch.device("meta"):
-        shapes = {k: tuple(v.shape) for k, v in VideoUNet(config).state_dict().items()}
-    return {s for srcs in unet_read_plan(fmt, config, shapes).values() for s in srcs}
+        shapes = state_shapes(VideoUNet(config))
+    return {s for entry in unet_plan(fmt, config, shapes)[0].values() for s in entry.sources}
 
 
 def unet_file_keys(fmt: str, keys: set[str]) -> set[str]:
@@ -281,14 +279,14 @@ def state_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
 
 def load_planned(model: nn.Module, src: TensorSource, plan: dict[str, Entry], *, scope: set[str],
                  ignored: set[str] = frozenset(), dtype: torch.dtype, device, label: str,
-                 shapes: dict[str, tuple[int, ...]] | None = None) -> nn.Module:
+                 shapes: dict[str, tuple[int, ...]]) -> nn.Module:
     """Strictly load `model` (built on the meta device) from `src` following `plan`, in eval mode, no gradients.
 
     scope: the file's keys that belong to this component; any not in the plan and not deliberately `ignored`
     is unexpected. All problems are collected and raised as one CheckpointError naming the keys.
-    shapes: `state_shapes(model)`, if the caller has it already (a walk over the modules less).
+    shapes: `state_shapes(model)`, which the caller has already made its plan from.
     """
-    expected = state_shapes(model) if shapes is None else shapes
+    expected = shapes
     if set(plan) != set(expected):
         raise AssertionError(f"{label}: read plan and model disagree: {_fmt_keys(set(plan) ^ set(expected))}")
     needed = {s for e in plan.values() for s in e.sources}
@@ -362,7 +360,7 @@ def unet_plan(fmt: str, config: UNetConfig, expected) -> tuple[dict[str, Entry],
     names = None if fmt == SVDLITE_FORMAT else original_source_names(fmt, config, expected)
     fold = Entry((), fold_matmul, fold_shape)
     plan = {k: Entry(srcs, fold.combine, fold.shape) if len(srcs) == 2 else Entry(srcs)
-            for k, srcs in unet_read_plan(fmt, config, expected, names).items()}
+            for k, srcs in unet_read_plan(fmt, expected, names).items()}
     return plan, set() if names is None else set(names.values())
 
 
@@ -392,9 +390,9 @@ def mark_stored_blend(unet: VideoUNet, src: TensorSource) -> VideoUNet:
 def gc_paused():
     """Python's cyclic garbage collector paused while a model is built and loaded (and restored as it was): building
     the UNet leaves ~27k tracked objects, whose allocation sets off collections that each walk every live object,
-    more so beside an already loaded model (docs/SPEED.md). Reference counting frees the tensors as ever; only cycles wait. Meant for
-    svdlite's own module building: an import inside it (open_clip's, say) would leave its cycles, and their
-    finalizers, to a collection in the middle of sampling."""
+    more so beside an already loaded model (docs/SPEED.md). Reference counting frees the tensors as ever; only cycles
+    wait. Meant for svdlite's own module building: an import inside it (open_clip's, say) would leave its cycles, and
+    their finalizers, to a collection in the middle of sampling."""
     enabled = gc.isenabled()
     gc.disable()
     try:

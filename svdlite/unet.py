@@ -119,7 +119,7 @@ class VideoUNet(nn.Module):
                  fold_product: bool = True):
         super().__init__()
         self.config = cfg = config
-        self.fold_cross_attention, self.fold_product = fold_cross_attention, fold_product
+        self.fold_cross_attention = fold_cross_attention
         mc, ted = cfg.model_channels, cfg.time_embed_dim
         self.time_embed = nn.Sequential(Linear(mc, ted), nn.SiLU(), Linear(ted, ted))
         # `label_emb.0` is sgm's Sequential around the MLP ("sequential" class conditioning)
