@@ -1,6 +1,6 @@
 """Random-weight checkpoints for tests, benchmarks and the bundled tiny model (never for real use).
 
-`random_tensors` follows the recipe of shared/reference/materialize.py, so every branch is live (sgm's own
+`random_tensors` follows the recipe of tests/reference/materialize.py, so every branch is live (sgm's own
 zero-inits would hide mistakes): norm scales ~1, biases small, weights ~ N(0, 1/fan_in), mix factors ~0.3.
 """
 import math

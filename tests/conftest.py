@@ -1,7 +1,8 @@
-"""Shared fixtures. Reference data: the folder in SVDLITE_REFERENCE_DIR (default ../shared/reference beside the
-repository), laid out as shared/reference/README.md describes. Its weight files are written by the folder's own
-materialize.py into a cache outside the repository, keyed by the manifests' content, so a changed folder is
-rebuilt. A missing folder is a test failure, never a skip.
+"""Shared fixtures. Reference data: tests/reference (described by its README.md), or the folder named by
+SVDLITE_REFERENCE_DIR, laid out alike. Its weight files are not stored: the folder's own materialize.py writes them
+from the manifests into a cache outside the repository (SVDLITE_TEST_CACHE, default ~/.cache/svdlite-tests), keyed
+by the manifests' and materialize.py's content, so a changed folder is rebuilt. A missing or incomplete folder is a
+test failure, never a skip.
 """
 import hashlib
 import json
@@ -14,8 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_REFERENCE_DIR = REPO.parent / "shared" / "reference"
+DEFAULT_REFERENCE_DIR = Path(__file__).resolve().parent / "reference"
 
 
 class Reference:
@@ -60,7 +60,7 @@ def reference() -> Reference:
     folder = Path(os.environ.get("SVDLITE_REFERENCE_DIR", DEFAULT_REFERENCE_DIR)).resolve()
     if not (folder / "materialize.py").is_file():
         pytest.fail(f"reference folder {folder} not found or incomplete (no materialize.py); "
-                    "set SVDLITE_REFERENCE_DIR to a folder laid out like shared/reference")
+                    f"set SVDLITE_REFERENCE_DIR to a folder laid out like {DEFAULT_REFERENCE_DIR}")
     return Reference(folder, _materialize(folder))
 
 

@@ -1,5 +1,5 @@
-"""Test helpers: synthetic checkpoints in the original sgm layout, made from a config (nothing downloaded), and the
-tools/ scripts as modules."""
+"""Test helpers: synthetic checkpoints in the original sgm layout, made from a config (nothing downloaded), the
+tools/ scripts as modules, and where the full-size key tables live (tests/keymaps)."""
 import importlib.util
 from pathlib import Path
 
@@ -10,9 +10,11 @@ from svdlite import UNetConfig
 from svdlite.testing import original_unet_shapes, random_tensors
 from svdlite.unet_keymap import ORIGINAL_PREFIX
 
-__all__ = ["TINY", "load_tool", "original_unet_shapes", "random_tensors", "write_original_unet"]
+__all__ = ["KEYMAPS", "TINY", "load_tool", "original_unet_shapes", "random_tensors", "write_original_unet"]
 
 TOOLS = Path(__file__).resolve().parents[1] / "tools"
+# Full-size key tables of SVD, one row per tensor of the original file: sgm key, shape (and the diffusers key)
+KEYMAPS = Path(__file__).resolve().parent / "keymaps"
 
 
 def load_tool(name: str):

@@ -10,7 +10,7 @@ diffusers 0.42.1):
   `CLIPImageProcessor` normalisation, i.e. the SVD pipeline's preprocessing: worst abs error 0.0 (bitwise equal)
   on normalised values up to ~2.9 for 576x1024, 1024x576, 300x200, 100x500, 64x96 and 224x224 inputs;
   tolerance atol 1e-6, rtol 1e-6 (float32 rounding headroom for other CPUs);
-* the full-size key table `shared/keymaps/svd_clip_visual_keys.tsv` (392 tensors, 632,076,800 params).
+* the full-size key table `tests/keymaps/svd_clip_visual_keys.tsv` (392 tensors, 632,076,800 params).
 """
 import math
 import subprocess
@@ -21,14 +21,14 @@ import pytest
 import torch
 from torch import nn
 
-from helpers import random_tensors
+from helpers import KEYMAPS, random_tensors
 from svdlite.clip import (CLIP_MEAN, CLIP_STD, CLIPVisionConfig, _gaussian_kernel, build_image_encoder,
                           encode_image, preprocess)
 from svdlite.clip_keymap import (IGNORED_TRANSFORMERS_KEYS, ORIGINAL_PREFIX, key_table, openclip_from_transformers,
                                  transformers_from_openclip, transformers_keys)
 
 transformers = pytest.importorskip("transformers")
-KEYMAP_TSV = Path(__file__).resolve().parents[2] / "shared" / "keymaps" / "svd_clip_visual_keys.tsv"
+KEYMAP_TSV = KEYMAPS / "svd_clip_visual_keys.tsv"
 
 # diffusers `image_encoder/config.json` values for SVD (SVD_SPEC.md 7.4)
 SVD_TRANSFORMERS_CONFIG = {

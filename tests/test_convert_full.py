@@ -1,4 +1,4 @@
-"""Full size: an SVD-XT-shaped original file (random fp16 weights with the shapes of ../shared/keymaps) converts,
+"""Full size: an SVD-XT-shaped original file (random fp16 weights with the shapes of tests/keymaps) converts,
 the converted file holds exactly the expected parameters, and both give the same UNet output.
 
 Writes ~4.5 GB (source) + ~4.4 GB (converted) into a temporary folder that is deleted afterwards.
@@ -7,7 +7,6 @@ import csv
 import gc
 import json
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,10 +16,8 @@ from safetensors.torch import save_file
 from svdlite import load_unet
 from svdlite.testing import random_tensors
 
-from helpers import load_tool
+from helpers import KEYMAPS, load_tool
 
-REPO = Path(__file__).resolve().parents[1]
-KEYMAPS = REPO.parent / "shared" / "keymaps"
 convert_weights = load_tool("convert_weights")
 
 EXPECTED = {"unet": 1_449_502_442, "vae_encoder": 34_163_592 + 72, "vae_decoder": 63_579_183,

@@ -1,4 +1,4 @@
-"""The whole 5-step sgm sampling run of shared/reference `sample_tiny_io`, with svdlite's UNet, sampler and
+"""The whole 5-step sgm sampling run of tests/reference `sample_tiny_io`, with svdlite's UNet, sampler and
 temporal decoder on the reference weights: every step's network output, state and denoised estimate, the final
 latent and the decoded video.
 

@@ -1,6 +1,6 @@
 """Sampler and conditioning tests: sgm reference replay, an analytic Gaussian case, and diffusers' conventions.
 
-(a) `reference`: the sgm run in shared/reference/sample_tiny_io (EulerEDMSampler + VScalingWithEDMcNoise +
+(a) `reference`: the sgm run in tests/reference/sample_tiny_io (EulerEDMSampler + VScalingWithEDMcNoise +
     LinearPredictionGuider, settings from sample_tiny_config.json) replayed with a fake network that returns the
     stored UNet outputs. The inputs are identical and every operation is the same float32 operation in the same
     order, so the results agree to float32 rounding (measured: bitwise); 1e-5 relative is the bound asked for,

@@ -1,17 +1,14 @@
 """VideoUNet structure, config validation, the loader's key coverage at full size (meta device) and its errors."""
 import csv
-from pathlib import Path
 
 import pytest
 import torch
 
-from helpers import TINY, original_unet_shapes, write_original_unet
+from helpers import KEYMAPS, TINY, original_unet_shapes, write_original_unet
 from svdlite import UNetConfig, VideoUNet
 from svdlite.attention import attention, attention_reference
 from svdlite.loading import CheckpointError, expected_unet_source_keys, load_unet
 from svdlite.unet_keymap import ORIGINAL_PREFIX
-
-KEYMAPS = Path(__file__).resolve().parents[2] / "shared" / "keymaps"
 
 
 def test_full_size_parameter_count():

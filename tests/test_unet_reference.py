@@ -1,4 +1,4 @@
-"""VideoUNet against tensors from the original sgm code (shared/reference, or SVDLITE_REFERENCE_DIR).
+"""VideoUNet against tensors from the original sgm code (tests/reference, or SVDLITE_REFERENCE_DIR).
 
 Tolerance: atol = rtol = 1e-4. The reference README measures the float32 noise floor of this very computation:
 running sgm with 1 instead of 2 threads moves the UNet `out` by up to 4.5e-6 (values of magnitude ~2.5), and

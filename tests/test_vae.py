@@ -13,12 +13,11 @@ import csv
 import dataclasses
 import re
 import types
-from pathlib import Path
 
 import pytest
 import torch
 from conftest import block_outputs, rel_err
-from helpers import random_tensors
+from helpers import KEYMAPS, random_tensors
 from safetensors.torch import load_file
 
 from svdlite.vae import Encoder, VAEConfig, VideoDecoder, decode_latents, encode_condition, make_quant_conv
@@ -26,7 +25,7 @@ from svdlite.vae_keymap import (DECODER_PREFIX, ENCODER_PREFIX, FIRST_STAGE_ENCO
                                 original_from_diffusers, to_diffusers_shape, vae_key_map)
 
 ATOL = RTOL = 1e-4
-KEYMAP_TSV = Path(__file__).resolve().parents[2] / "shared" / "keymaps" / "svd_vae_key_map.tsv"
+KEYMAP_TSV = KEYMAPS / "svd_vae_key_map.tsv"
 # sgm ddconfig keys that are not VAEConfig fields: svdlite implements only SVD's values of them
 SVD_FIXED = {"attn_type": "vanilla", "double_z": True, "attn_resolutions": [], "dropout": 0.0,
              "alpha": 0.0, "merge_strategy": "learned", "time_mode": "conv-only"}

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Write a tiny random diffusers `UNetSpatioTemporalConditionModel` and its outputs, for tests/test_unet_diffusers.py.
 
-Deterministic: seeded weights (every tensor live, like shared/reference/materialize.py's recipe), rounded to
+Deterministic: seeded weights (every tensor live, like tests/reference/materialize.py's recipe), rounded to
 float16 and saved in diffusers layout with the fp16 variant name, so the test also exercises `.fp16` loading;
 the outputs are computed in float32 from exactly those rounded weights.
 
