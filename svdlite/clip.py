@@ -1,4 +1,4 @@
-"""SVD's image conditioning: the OpenCLIP ViT-H/14 visual tower and sgm's preprocessing (SVD_SPEC.md 4.2).
+"""SVD's image conditioning: the OpenCLIP ViT-H/14 visual tower and sgm's preprocessing (docs/model.md "Conditioning").
 
 Reproduces sgm `encoders/modules.py` `FrozenOpenCLIPImageEmbedder` as SVD uses it: kornia's antialiased bicubic
 resize to 224x224 (aspect ratio not kept), (x + 1) / 2, CLIP mean/std, then `model.visual(img)`: ln_post on the

@@ -2,7 +2,7 @@
 
 svdlite's image encoder is open_clip's `VisionTransformer`, so its names are the original single file's with
 `ORIGINAL_PREFIX` stripped and load with no renaming. The diffusers layout goes through the one table below
-(SVD_SPEC.md 7.4, same as ComfyUI `clip_vision.convert_to_transformers`): q/k/v are concatenated into
+(docs/model.md, same as ComfyUI `clip_vision.convert_to_transformers`): q/k/v are concatenated into
 `in_proj_*` in that order (nn.MultiheadAttention's packing), `visual_projection.weight` is `proj` transposed
 (Linear (out, in) vs `x @ proj` (in, out)), everything else is copied.
 """

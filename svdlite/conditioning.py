@@ -2,7 +2,7 @@
 
 Reproduces what sgm's conditioner (`sgm/modules/encoders/modules.py`: `ConcatTimestepEmbedderND` for fps_id,
 motion_bucket_id and cond_aug) and `scripts/sampling/simple_video_sample.py` (`get_batch`,
-`force_uc_zero_embeddings`) feed the denoiser (SVD_SPEC.md 4.3-4.5). The networks themselves (CLIP, VAE
+`force_uc_zero_embeddings`) feed the denoiser (docs/model.md "Conditioning"). The networks themselves (CLIP, VAE
 encoder) live elsewhere: this module only arranges their outputs.
 """
 from typing import NamedTuple
@@ -18,7 +18,7 @@ MICRO_COND_DIM = 256  # per scalar; three scalars give the UNet's 768-d `y` (adm
 def fps_id_from_fps(fps: int) -> int:
     """The fps id SVD is conditioned on: fps - 1 (the diffusers convention, `fps=7` -> id 6).
 
-    The model was trained on "fps - 1". Front-ends disagree (SVD_SPEC.md 8): sgm `simple_video_sample.py` and
+    The model was trained on "fps - 1". Front-ends disagree (docs/model.md): sgm `simple_video_sample.py` and
     the gradio demo pass `fps_id=6` directly (already subtracted, the video written at 7 fps); diffusers takes
     `fps=7` and subtracts 1, giving the same id 6; the sgm streamlit demo and ComfyUI pass fps 6 -> id 5. To
     reproduce the official script use fps=7 here (or pass fps_id=6 straight to `micro_conditioning`).
@@ -71,7 +71,7 @@ class CFGBatch(NamedTuple):
 
 def cfg_batch(image_embeds: torch.Tensor, cond_latent: torch.Tensor, vector: torch.Tensor,
               num_frames: int) -> CFGBatch:
-    """Build the [uncond; cond] conditioning exactly like sgm's SVD sampling (SVD_SPEC.md 4.5).
+    """Build the [uncond; cond] conditioning exactly like sgm's SVD sampling (docs/model.md "Conditioning").
 
     The unconditional branch zeroes the CLIP token and the concat latent (`force_uc_zero_embeddings =
     [cond_frames, cond_frames_without_noise]`) and keeps the vector; every per-video input is repeated per frame;

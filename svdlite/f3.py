@@ -2,7 +2,7 @@
 
 Su et al., "F3-Pruning: A Training-Free and Generalized Pruning Strategy towards Faster and Finer Text-to-Video
 Synthesis", AAAI 2024, prunes temporal attention whose aggregate attention value ranks below a ratio. svdlite's
-port (PAPERS.md section 2; our design, the paper has no SVD version): a unit is one temporal transformer block
+port (docs/papers.md "F3-Pruning"; our design, the paper has no SVD version): a unit is one temporal transformer block
 (`...time_stack.d`, 16 in SVD) at one denoising step. A calibration run (`svdlite.calibrate_f3`) records per unit
   - "attention": the mass a frame's query puts on the OTHER frames in the block's temporal self-attention
     (1 - the softmax map's diagonal), averaged over images, heads, positions, query frames and both guidance

@@ -1,6 +1,6 @@
 """Reading checkpoints: format detection, selective safetensors reads, strict loading with errors that name keys.
 
-Formats (DESIGN.md "Weights and formats"):
+Formats (docs/design.md "Weights and formats"):
   original   one sgm single file (`svd*.safetensors`), UNet keys prefixed `model.diffusion_model.`;
   diffusers  a pipeline folder with `unet/`, a `unet/` folder, or its `diffusion_pytorch_model[.fp16].safetensors`;
   svdlite    a file written by tools/convert_weights.py (metadata `format=svdlite`, UNet keys prefixed `unet.`).

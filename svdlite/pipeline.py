@@ -1,4 +1,4 @@
-"""Image to video: `generate(image, model=..., ...)`, the whole of SVD_SPEC.md section 11.
+"""Image to video: `generate(image, model=..., ...)`, the whole of docs/model.md "End to end".
 
 Argument names follow diffusers' `StableVideoDiffusionPipeline`; defaults come from the model's preset. With the
 same weights, image, `latents` (or seed) and settings, the frames equal diffusers' (tests/test_pipeline_diffusers.py).

@@ -1,4 +1,4 @@
-"""The acceleration plan: what runs at each denoising step, decided before sampling (DESIGN.md "Acceleration options").
+"""The acceleration plan: what runs at each denoising step, decided before sampling (docs/design.md).
 
 Every way svdlite trades work for speed is a per-step decision known before the loop starts:
 - the guidance cut: both classifier-free-guidance halves, or only the conditional one (`Step.guided`);

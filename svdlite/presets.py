@@ -1,4 +1,4 @@
-"""Named models: where their weights live and their sampling defaults (SVD_SPEC.md 8-9).
+"""Named models: where their weights live and their sampling defaults (docs/model.md "Models and their defaults").
 
 SVD, SVD-XT and SVD-XT 1.1 share one network (UNetConfig()); they differ in weights and in these defaults,
 which follow the original sgm sampling configs (`scripts/sampling/configs/*.yaml`, simple_video_sample.py).

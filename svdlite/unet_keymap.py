@@ -4,7 +4,7 @@ svdlite's UNet names are the original sgm names (`model.diffusion_model.` stripp
 cross-attention `attn2.{to_q,to_k,to_v,to_out.0}` is replaced by the folded `attn2_fold` or keeps only
 `attn2.{to_v,to_out.0}` (`fold_product=False`, see unet_blocks.py).
 The diffusers layout (`UNetSpatioTemporalConditionModel`) is one declarative table built by index arithmetic
-from the config (SVD_SPEC.md 7.2); nothing is reshaped.
+from the config (docs/model.md "Checkpoints and key names"); nothing is reshaped.
 """
 from .unet import UNetConfig
 

@@ -1,7 +1,7 @@
 """VAE key tables: original sgm names (= svdlite module names) <-> diffusers `AutoencoderKLTemporalDecoder` names.
 
 svdlite's `Encoder`, `quant_conv` and `VideoDecoder` use the sgm keys with the file prefixes below stripped.
-The diffusers layout is one declarative table, built from a `VAEConfig` by index arithmetic (SVD_SPEC.md 7.3):
+The diffusers layout is one declarative table, built from a `VAEConfig` by index arithmetic (docs/model.md):
 sgm `up.L` is diffusers `up_blocks.(levels-1-L)`; the mid-block attention's 1x1 convs are diffusers Linears,
 the only tensors that change shape (`to_original_shape` / `to_diffusers_shape`).
 Diffusers' temporal decoder gives its mid block `layers_per_block` resnets (of which it runs two), so its layout

@@ -30,7 +30,7 @@ from svdlite.clip_keymap import (IGNORED_TRANSFORMERS_KEYS, ORIGINAL_PREFIX, key
 transformers = pytest.importorskip("transformers")
 KEYMAP_TSV = KEYMAPS / "svd_clip_visual_keys.tsv"
 
-# diffusers `image_encoder/config.json` values for SVD (SVD_SPEC.md 7.4)
+# diffusers `image_encoder/config.json` values for SVD (docs/model.md "Checkpoints and key names")
 SVD_TRANSFORMERS_CONFIG = {
     "hidden_size": 1280, "intermediate_size": 5120, "num_attention_heads": 16, "num_hidden_layers": 32,
     "patch_size": 14, "image_size": 224, "projection_dim": 1024, "hidden_act": "gelu", "layer_norm_eps": 1e-5,
@@ -117,7 +117,7 @@ def test_preprocess_constants_and_kernels():
     from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
     assert CLIP_MEAN == tuple(OPENAI_CLIP_MEAN) and CLIP_STD == tuple(OPENAI_CLIP_STD)
-    # 576x1024 -> 224: sigma (0.786, 1.786), kernel (3, 7) (SVD_SPEC.md 4.2)
+    # 576x1024 -> 224: sigma (0.786, 1.786), kernel (3, 7) (docs/model.md "Conditioning")
     assert _gaussian_kernel((576 / 224 - 1) / 2, torch.float32, torch.device("cpu")).numel() == 3
     assert _gaussian_kernel((1024 / 224 - 1) / 2, torch.float32, torch.device("cpu")).numel() == 7
     assert _gaussian_kernel(0.001, torch.float32, torch.device("cpu")).tolist() == [0.0, 1.0, 0.0]

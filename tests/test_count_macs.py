@@ -1,4 +1,4 @@
-"""tools/count_macs.py: parameter and MAC counts of the full-size networks (meta device) against PAPERS.md section 1."""
+"""tools/count_macs.py: parameter and MAC counts of the full-size networks (meta device) against docs/papers.md."""
 import json
 import subprocess
 import sys

@@ -14,7 +14,7 @@ before the 1/0.18215 decoder scaling (checked in `test_diffusers_latent_output_i
 Expected differences. The numbers beside the tolerances were measured with this file's settings (64x384 image,
 4 frames, 4 steps, CPU float32), first with 1 intra-op thread (as the fixture runs), then with 2 ("2 thr"):
 * diffusers uses GroupNorm eps 1e-6 in the ResBlocks of its CrossAttnDown and Up blocks where the original (and
-  svdlite) use 1e-5 (SVD_SPEC.md 3.9). "as shipped" compares against diffusers unchanged; the tight cases set
+  svdlite) use 1e-5 (docs/model.md "Numerics"). "as shipped" compares against diffusers unchanged; the tight cases set
   those diffusers modules' eps to 1e-5 first.
 * diffusers' Karras sigmas are derived in float64 then rounded; sgm's (and svdlite's) are computed in float32:
   for 4 steps 700.0 / 70.54084 / 2.2691164 / 0.0020000001 vs 700.00012 / 70.54086 / 2.2691193 / 0.0020000036,

@@ -264,7 +264,7 @@ def test_sigmas_match_diffusers(num_steps):
 
 
 def test_sampling_loop_matches_diffusers():
-    """Same toy v-network, unguided: our Euler loop vs diffusers' scale_model_input/step loop (SVD_SPEC 12)."""
+    """Same toy v-network, unguided: our Euler loop vs diffusers' scale_model_input/step loop (docs/model.md)."""
     def network(net_in, c_noise):  # a nonlinear stand-in for the UNet
         return torch.tanh(net_in * (1 + c_noise.reshape(-1, 1, 1, 1))) - 0.3 * net_in
 

@@ -4,7 +4,7 @@ Data: tests/data/diffusers_unet_tiny* written by tools/make_diffusers_unet_refer
 this also covers `.fp16` loading). `out_sgm_eps` is diffusers with the original's GroupNorm eps (1e-5) in every
 ResBlock: svdlite must match it to float32 noise (measured 3.3e-6 abs on values up to ~2.2; tolerance 1e-4).
 `out` is diffusers as shipped, whose 1e-6 eps in some ResBlocks is a small deviation from the original
-(SVD_SPEC.md 3.9): measured 2.0e-4 abs, so the bound there is 1e-3.
+(docs/model.md "Numerics"): measured 2.0e-4 abs, so the bound there is 1e-3.
 """
 from pathlib import Path
 

@@ -53,7 +53,7 @@ META = torch.device("meta")
 UNET_MODES = {"original": False, "vcut-temporal": "temporal", "vcut": True}  # mode -> fold_cross_attention
 CUT_PREFIX = "vcut+guidance-cut@"
 
-# The paper's claims (VCUT, PAPERS.md section 1), all for a 25-frame video (SVD-XT; 25 steps assumed).
+# The paper's claims (VCUT, docs/papers.md), all for a 25-frame video (SVD-XT; 25 steps assumed).
 CLAIM_PARAMS = 50_000_000
 CLAIM_MACS = 322e12
 CLAIM_LATENCY = 0.20

@@ -58,7 +58,7 @@ def main() -> None:
     with torch.no_grad():
         result = unet(sample, timestep, context, added_time_ids, return_dict=False)[0]
         # diffusers uses GroupNorm eps 1e-6 in some ResBlocks where the original (and svdlite) use 1e-5
-        # (SVD_SPEC.md 3.9); `out_sgm_eps` is the same network with the original's eps everywhere.
+        # (docs/model.md "Numerics"); `out_sgm_eps` is the same network with the original's eps everywhere.
         for name, module in unet.named_modules():
             if isinstance(module, torch.nn.GroupNorm) and ".resnets." in f".{name}." and module.eps != 1e-5:
                 module.eps = 1e-5
