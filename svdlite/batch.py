@@ -8,6 +8,7 @@ Each process appends one JSON line per item to its manifest part; at the end ran
 OUTDIR/manifest.jsonl, one line per item (its latest record). A failing item is recorded and the run goes on.
 Every process needs the same view of OUTDIR (one machine, or a filesystem all machines share).
 """
+import contextlib
 import dataclasses
 import datetime
 import hashlib
@@ -22,8 +23,11 @@ import torch
 from tqdm.auto import tqdm
 
 from .components import SVDModel, load_model
-from .pipeline import generate, noise_schedule, resolve_settings
+from .image import open_image
+from .outputs import exclusive, lock_path
+from .pipeline import check_before_loading, generate, noise_schedule, resolve_settings
 from .plan import speed_options
+from .seeds import random_seed
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 LIST_SUFFIXES = (".txt", ".lst")
@@ -46,21 +50,42 @@ class Item:
 
 def discover_inputs(inputs) -> list[Path]:
     """Image paths, in order: a file as given, a folder's images sorted by name (not recursive), and the lines of a
-    .txt/.lst list (blank lines and `#` comments skipped; relative paths are relative to the list's folder)."""
-    paths = []
+    .txt/.lst list (blank lines and `#` comments skipped; relative paths are relative to the list's folder).
+
+    Refuses (before any model loads) an input that does not exist, list lines naming missing files (all of them
+    are named), and inputs that hold no image at all."""
+    paths, missing = [], []
     for given in map(Path, inputs):
         if given.is_dir():
-            paths += sorted(p for p in given.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            found = sorted(p for p in given.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            if not found:
+                raise FileNotFoundError(f"input folder {given} holds no image (files ending in "
+                                        f"{', '.join(IMAGE_SUFFIXES)})")
+            paths += found
         elif given.suffix.lower() in LIST_SUFFIXES and given.is_file():
-            for line in given.read_text().splitlines():
+            listed = []
+            for number, line in enumerate(given.read_text().splitlines(), 1):
                 line = line.strip()
                 if line and not line.startswith("#"):
                     path = Path(line).expanduser()
-                    paths.append(path if path.is_absolute() else given.parent / path)
+                    path = path if path.is_absolute() else given.parent / path
+                    if path.is_file():
+                        listed.append(path)
+                    else:
+                        missing.append((given, number, path))
+            if not listed and not missing:
+                raise FileNotFoundError(f"input list {given} names no image (only blank or # lines)")
+            paths += listed
         elif given.is_file():
             paths.append(given)
         else:
             raise FileNotFoundError(f"input {given} is not an image file, a folder or a .txt list of paths")
+    if missing:
+        shown = "; ".join(f"{lst}:{n}: {path}" for lst, n, path in missing[:5])
+        more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
+        raise FileNotFoundError(f"{len(missing)} listed image(s) not found: {shown}{more}")
+    if not paths:
+        raise FileNotFoundError("no input images given")
     return paths
 
 
@@ -177,56 +202,90 @@ def _init_group(dist: Dist, device: str):
 
 
 @torch.no_grad()
-def run_batch(inputs, outdir, *, model="svd-xt", seed: int = 0, batch_size: int = 1, overwrite: bool = False,
-              video_format: str = "mp4", device: str = "auto", dtype: torch.dtype = torch.float32,
-              progress: bool = True, token: str | None = None, dist: Dist | None = None, **options) -> dict:
+def run_batch(inputs, outdir, *, model="svd-xt", seed: int | None = None, batch_size: int = 1,
+              overwrite: bool = False, video_format: str = "mp4", device: str = "auto", dtype="auto",
+              progress: bool = True, token: str | None = None, dist: Dist | None = None, lock: bool = True,
+              **options) -> dict:
     """Turn every input image into a video in `outdir`; under torchrun each process does its share.
 
     Args:
         inputs: image files, folders and .txt lists (`discover_inputs`).
         outdir: the output folder (made if missing); outputs are <input stem>.<video_format>.
         model: an `SVDModel` or anything `load_model` takes; loaded once per process.
-        seed: the run's seed; item "name" gets `item_seed(seed, name)`, recorded in the manifest.
+        seed: the run's seed; item "name" gets `item_seed(seed, name)`, recorded in the manifest. None: the seed of
+            the run recorded in OUTDIR's manifest (a rerun resumes with the same seeds), else a random one (`run_seed`).
         batch_size: videos per UNet evaluation (`generate`'s batch_size).
         overwrite: redo items whose output exists (else they are skipped).
         device: "auto" (GPU of the local rank, else CPU), "cuda" (GPU of the local rank) or a device.
+        dtype: the UNet's and CLIP's dtype, as `load_model` takes it ("auto": float16 on a GPU, float32 on the CPU).
         dist: the process's rank and world size; None reads torchrun's environment (`Dist.from_env`).
+        lock: hold OUTDIR's lock (`outputs.lock_path`) on rank 0 for the run; False when the caller holds it.
         options: `generate`'s sampling and acceleration options (num_frames, num_inference_steps, speed, ...).
     Returns:
         {"done", "failed", "skipped"} counts over all processes, "seconds" (from the start of generation to the end
         of the slowest process), "rank", "world_size" and "records" (this run's manifest records: this process's,
-        all processes' on rank 0).
+        all processes' on rank 0), "seed" (the run's).
+    Raises before any model loads: a missing input or listed image, inputs without images, a bad setting or option,
+    an F3 schedule that does not fit, an output folder another run is writing into.
     """
     unknown = set(options) - set(OPTION_KEYS)
     if unknown:
         raise TypeError(f"run_batch got unknown options {sorted(unknown)}; expected some of {OPTION_KEYS}")
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise ValueError(f"seed must be an int, got {seed!r}")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64):
+        raise ValueError(f"seed must be an int in [0, 2**64) or None, got {seed!r}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     dist = Dist.from_env() if dist is None else dist
     outdir = Path(outdir)
+    # everything that can be checked without the model, before it loads: inputs, settings, options, F3 schedule
     items = make_items(discover_inputs(inputs), outdir, video_format)
-    device = pick_device(device, dist)
+    f3 = check_before_loading(model, **{k: v for k, v in options.items() if k not in ("decode_chunk_size",)})
+    options = options | ({"f3_schedule": f3} if f3 is not None else {})
+    if outdir.exists() and not outdir.is_dir():
+        raise NotADirectoryError(f"output {outdir} is a file; expected a folder (made if missing)")
+    if not outdir.parent.is_dir():
+        raise FileNotFoundError(f"cannot make output folder {outdir}: {outdir.parent} does not exist")
+    with contextlib.ExitStack() as stack:
+        if lock and dist.rank == 0:  # one run at a time per output folder (every process of this run is rank 0's)
+            stack.enter_context(exclusive(lock_path(outdir), f"output folder {outdir}"))
+        outdir.mkdir(exist_ok=True)
+        return _run_all(items, outdir, model=model, seed=seed, batch_size=batch_size, overwrite=overwrite,
+                        device=pick_device(device, dist), dtype=dtype, progress=progress, token=token, dist=dist,
+                        options=options)
+
+
+def _run_all(items: list[Item], outdir: Path, *, model, seed, batch_size, overwrite, device, dtype, progress, token,
+             dist: Dist, options: dict) -> dict:
     group, own_group = _init_group(dist, device)
     try:
         if not isinstance(model, SVDModel):
-            model = load_model(model, device=device, dtype=dtype, token=token)
+            model = load_model(model, device=device, dtype=dtype, token=token, progress=progress)
+        dtype = next(model.unet.parameters()).dtype
         settings = run_settings(model, options, dtype)
-        outdir.mkdir(parents=True, exist_ok=True)
-        # rank 0 decides what is left to do (and names the run): every process deals the same list, even if a
-        # folder changed between the processes' listings
+        # rank 0 decides what is left to do, the run's seed and its name: every process deals the same list, even if
+        # a folder changed between the processes' listings
         shared = [[(i.index, str(i.input), str(i.output)) for i in items if overwrite or not i.output.exists()],
-                  datetime.datetime.now().isoformat()]
+                  datetime.datetime.now().isoformat(), run_seed(outdir, seed) if dist.rank == 0 else None]
         if group is not None:
             group.broadcast_object_list(shared, src=0)
-        todo, run_id = [Item(i, Path(a), Path(b)) for i, a, b in shared[0]], shared[1]
+        todo, run_id, seed = [Item(i, Path(a), Path(b)) for i, a, b in shared[0]], shared[1], shared[2][0]
+        if dist.rank == 0 and progress:
+            print(f"seed: {seed} ({shared[2][1]})", file=sys.stderr)
         skipped = [i for i in items if i not in set(todo)]  # used by rank 0 only
         mine = shard(todo, dist.rank, dist.world_size)
         start = time.perf_counter()
-        records = _run_share(mine, model, outdir / f".manifest.rank{dist.rank}.jsonl", seed=seed,
-                             batch_size=batch_size, settings=settings, run_id=run_id, overwrite=overwrite,
-                             device=device, dtype=dtype, dist=dist, progress=progress, options=options)
+        records: list[dict] = []
+        try:
+            _run_share(mine, model, outdir / f".manifest.rank{dist.rank}.jsonl", records, seed=seed,
+                       batch_size=batch_size, settings=settings, run_id=run_id, overwrite=overwrite,
+                       device=device, dtype=dtype, dist=dist, progress=progress, options=options)
+        except BaseException as err:
+            if isinstance(err, Exception):
+                raise
+            # Ctrl-C or SIGTERM: say what is on disk and that a rerun resumes (finished videos are skipped)
+            done = sum(r["status"] == "done" for r in records)
+            raise type(err)(f"{done} of the {len(mine)} video(s) of this process were written to {outdir} before "
+                            f"the interruption; run the same command again to make the rest (seed {seed})") from err
         counts = torch.tensor([sum(r["status"] == s for r in records) for s in ("done", "failed")])
         if group is not None:  # sums over the processes (on the GPU for nccl); waits for every share to finish
             counts = counts.to(device if group.get_backend() == "nccl" else "cpu")
@@ -239,24 +298,37 @@ def run_batch(inputs, outdir, *, model="svd-xt", seed: int = 0, batch_size: int 
         if group is not None:
             group.barrier()  # nobody leaves (and torchrun ends nobody) before the manifest is merged
         return {"done": int(counts[0]), "failed": int(counts[1]), "skipped": len(skipped), "seconds": seconds,
-                "rank": dist.rank, "world_size": dist.world_size, "records": records}
+                "rank": dist.rank, "world_size": dist.world_size, "records": records, "seed": seed}
     finally:
         if own_group:
             group.destroy_process_group()
 
 
-def _run_share(mine: list[Item], model: SVDModel, part: Path, *, seed, batch_size, settings, run_id, overwrite,
-               device, dtype, dist: Dist, progress: bool, options: dict) -> list[dict]:
-    """Generate this process's items `batch_size` at a time, appending one manifest record per item to `part`."""
-    from PIL import Image
+def run_seed(outdir: Path, seed: int | None) -> tuple[int, str]:
+    """(the run's seed, where it came from): the given one; else, when OUTDIR has a manifest, the seed of its last
+    run (a rerun without --seed resumes with the same item seeds); else a random one."""
+    if seed is not None:
+        return seed, "given"
+    manifest = Path(outdir) / MANIFEST
+    if manifest.is_file():
+        for line in reversed(manifest.read_text().splitlines()):
+            if line.strip() and isinstance(json.loads(line).get("run_seed"), int):
+                return json.loads(line)["run_seed"], f"the seed of the run recorded in {manifest}"
+    seed = random_seed()
+    return seed, f"drawn at random; pass --seed {seed} to make these videos again"
 
+
+def _run_share(mine: list[Item], model: SVDModel, part: Path, records: list[dict], *, seed, batch_size, settings,
+               run_id, overwrite, device, dtype, dist: Dist, progress: bool, options: dict) -> None:
+    """Generate this process's items `batch_size` at a time, appending one manifest record per item to `part` and
+    to `records`."""
     kwargs = {k: v for k, v in options.items() if v is not None}
-    records = []
     bar = tqdm(total=len(mine), desc=f"rank {dist.rank}/{dist.world_size}" if dist.world_size > 1 else "videos",
                disable=not progress, unit="video")
     with open(part, "a") as log, bar:
         def record(item, status, seconds, error=None, video=None):
             r = {"input": str(item.input), "output": str(item.output), "seed": item_seed(seed, item.output.stem),
+                 "run_seed": seed,
                  "status": status, "error": error, "seconds": round(seconds, 3), "batch_size": batch_size,
                  "rank": dist.rank, "world_size": dist.world_size, "settings": settings,
                  "frames_sha256": None if video is None else hashlib.sha256(video.frames.numpy()).hexdigest(),
@@ -287,8 +359,7 @@ def _run_share(mine: list[Item], model: SVDModel, part: Path, *, seed, batch_siz
             for item in mine[start:start + batch_size]:
                 t0 = time.perf_counter()
                 try:
-                    with Image.open(item.input) as img:
-                        images.append(img.convert("RGB"))
+                    images.append(open_image(item.input))  # the reader `generate` uses: one policy for images
                     chunk.append(item)
                 except Exception as err:  # noqa: BLE001
                     record(item, "failed", time.perf_counter() - t0, _describe(err))
@@ -305,7 +376,6 @@ def _run_share(mine: list[Item], model: SVDModel, part: Path, *, seed, batch_siz
                         run([item], [image])
                     except Exception as err:  # noqa: BLE001
                         record(item, "failed", 0.0, _describe(err))
-    return records
 
 
 def _describe(err: BaseException) -> str:

@@ -2,24 +2,27 @@
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from . import __version__, checks
 from .components import SVDModel, load_model
 from .f3 import STATISTICS, F3Schedule, unet_identity
 from .image import open_image
 from .pipeline import make_generator, make_plan, noise_schedule, resolve_settings, run_settings, sample
+from .seeds import random_seed
 
 
 @torch.no_grad()
-def calibrate_f3(images, *, model="svd-xt", seed: int = 0, schedule: str | None = None, sigmas=None, device=None,
-                 dtype: torch.dtype | None = None, progress: bool = True, token: str | None = None,
+def calibrate_f3(images, *, model="svd-xt", seed: int | None = None, schedule: str | None = None, sigmas=None,
+                 device=None, dtype=None, progress: bool = True, token: str | None = None,
                  **settings) -> F3Schedule:
     """Sample each image with the exact plan and average the F3 statistics of every (step, temporal unit).
 
     Args:
         images: paths, PIL images or tensors, as `generate` takes them (one is enough; more average out).
         model: an `SVDModel` or anything `load_model` takes; device and dtype as in `generate`.
-        seed: image k is sampled with seed + k (noise augmentation and initial latents, as in `generate`).
+        seed: image k is sampled with seed + k (noise augmentation and initial latents, as in `generate`); None: a
+            random one (`seeds.random_seed`), recorded in the schedule's settings.
         schedule, sigmas: the noise schedule, as in `generate`; the step count must match later runs.
         settings: `generate`'s sampling settings (num_frames, num_inference_steps, fps, motion_bucket_id,
             noise_aug_strength, min_guidance_scale, max_guidance_scale, height, width); unset ones are the preset's.
@@ -31,17 +34,19 @@ def calibrate_f3(images, *, model="svd-xt", seed: int = 0, schedule: str | None 
     images = list(images) if isinstance(images, (list, tuple)) else [images]
     if not images:
         raise ValueError("calibrate_f3 needs at least one image")
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise ValueError(f"seed must be an int, got {seed!r}")
+    if seed is None:
+        seed = random_seed()
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64 - len(images):
+        raise ValueError(f"seed must be an int in [0, 2**64 - {len(images)}) (image k uses seed + k), got {seed!r}")
     unknown = set(settings) - {"num_frames", "num_inference_steps", "fps", "motion_bucket_id", "noise_aug_strength",
                                "min_guidance_scale", "max_guidance_scale", "height", "width", "decode_chunk_size"}
     if unknown:
         raise TypeError(f"calibrate_f3 got unknown settings {sorted(unknown)}")
     checks.check_settings(**settings)
     images = [open_image(i) if isinstance(i, (str, Path)) else i for i in images]  # bad files fail before loading
+    device, dtype = (None if device == "auto" else device), (None if dtype == "auto" else dtype)
     if not isinstance(model, SVDModel):
-        model = load_model(model, device=checks.resolve_device(device or "cpu"),
-                           dtype=checks.check_dtype(dtype or torch.float32), token=token)
+        model = load_model(model, device=device or "auto", dtype=dtype or "auto", token=token, progress=progress)
     device, dtype = checks.model_device_dtype(model.unet, device, dtype)
     steps = settings.pop("num_inference_steps", None)
     sigmas, schedule_name = noise_schedule(steps, schedule, sigmas, model.sampling.num_inference_steps)
@@ -49,7 +54,7 @@ def calibrate_f3(images, *, model="svd-xt", seed: int = 0, schedule: str | None 
     plan = make_plan(model, s, sigmas, schedule_name=schedule_name)  # exact: every unit runs at every step
     units = model.unet.temporal_units()
     totals = {name: torch.zeros(plan.num_steps, len(units), dtype=torch.float64) for name in STATISTICS}
-    for k, image in enumerate(images):
+    for k, image in enumerate(tqdm(images, desc="calibrating", unit="image", disable=not progress or len(images) < 2)):
         record: dict = {}
         sample(model, image, s, plan, generator=make_generator(seed + k, None), device=device, dtype=dtype,
                progress=progress, record=record)

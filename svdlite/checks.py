@@ -140,3 +140,11 @@ def check_finite(tensor: torch.Tensor, where: str, fix: str) -> None:
     if not torch.isfinite(tensor).all():
         bad = (~torch.isfinite(tensor)).sum().item()
         raise FloatingPointError(f"{where} hold {bad} NaN or infinite values of {tensor.numel()}; {fix}")
+
+
+def resolve_dtype(dtype, device) -> torch.dtype:
+    """The UNet's and CLIP's dtype: a torch dtype as given, or "auto": float16 on a CUDA or MPS GPU (what SVD runs
+    in there), float32 on the CPU (where half precision is slower and less exact)."""
+    if dtype == "auto":
+        return torch.float16 if torch.device(device).type in ("cuda", "mps") else torch.float32
+    return check_dtype(dtype)

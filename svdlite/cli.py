@@ -14,6 +14,7 @@ Exit codes (README "Errors and exit codes"):
 """
 import argparse
 import contextlib
+from contextlib import nullcontext
 import os
 import signal
 import sys
@@ -22,7 +23,7 @@ from pathlib import Path
 
 from . import __version__
 
-DTYPES = ("fp32", "fp16", "bf16")
+DTYPES = ("auto", "fp32", "fp16", "bf16")
 EXIT_FAILED, EXIT_REFUSED, EXIT_INTERRUPTED, EXIT_TERMINATED = 1, 2, 130, 143
 # errors that mean "this input cannot work", raised by the checks before the model runs
 REFUSED = (ValueError, TypeError, FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError,
@@ -77,11 +78,11 @@ def run_cleanly(command, args) -> int:
     try:
         with sigterm_raises():
             return command(args)
-    except KeyboardInterrupt:
-        print("\nsvdlite: interrupted; nothing was written", file=sys.stderr)
+    except KeyboardInterrupt as err:  # a command that wrote something says what in the exception's message
+        print(f"\nsvdlite: interrupted; {str(err) or 'nothing was written'}", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except Terminated:
-        print("svdlite: terminated; nothing was written", file=sys.stderr)
+    except Terminated as err:
+        print(f"svdlite: terminated; {str(err) or 'nothing was written'}", file=sys.stderr)
         return EXIT_TERMINATED
     except REFUSED as err:
         if debug:
@@ -112,9 +113,9 @@ def _parser() -> argparse.ArgumentParser:
     g = add_subcommand(sub, "generate", _generate, help="make a video from an image",
                        description="Make a video from one image. Unset options take the model preset's defaults "
                                    "(svd: 14 frames, 25 steps, guidance 1.0-2.5; svd-xt / svd-xt-1.1: 25 frames, "
-                                   "30 steps, guidance 1.5-3.0; all: 576x1024, fps 7, motion bucket 127, noise "
-                                   "augmentation 0.02). Settings, image and output path are checked before the "
-                                   "model loads.")
+                                   "30 steps, guidance 1.5-3.0; all: 1024x576 (width x height), fps 7, motion "
+                                   "bucket 127, noise augmentation 0.02). Settings, options, image and output "
+                                   "path are checked before the model loads.")
     g.add_argument("image", type=Path, help="input image, any format PIL reads; first frame of an animation, EXIF "
                                             "rotation applied, transparency over white, scaled to cover the size "
                                             "and centre-cropped")
@@ -125,7 +126,6 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--decode-chunk-size", type=int, help="frames decoded at once; lower needs less memory "
                                                          "(default: 14, or 7 for svd-xt-1.1)")
     g.add_argument("--force", action="store_true", help="overwrite OUTPUT if it exists")
-    g.add_argument("--no-progress", action="store_true", help="no progress bars")
     _batch_parser(sub)
     c = add_subcommand(sub, "calibrate", _calibrate, help="calibrate an F3-Pruning schedule",
                        description="Sample the images with the exact computation and record, for every temporal "
@@ -134,9 +134,8 @@ def _parser() -> argparse.ArgumentParser:
                                    "will generate with (a schedule for other ones is refused).")
     c.add_argument("images", type=Path, nargs="+", help="input images (image k uses seed + k)")
     c.add_argument("-o", "--output", type=Path, required=True, help="schedule file to write (.json)")
-    _sampling_options(c, seed_default=0)
+    _sampling_options(c, seed_help="image k uses seed + k; default: a random one, printed")
     c.add_argument("--force", action="store_true", help="overwrite OUTPUT if it exists")
-    c.add_argument("--no-progress", action="store_true", help="no progress bars")
     i = add_subcommand(sub, "info", _info, help="describe a checkpoint",
                        description="Print a checkpoint's format, components, parameter counts and preset, and "
                                    "whether it holds everything generation needs.")
@@ -173,25 +172,29 @@ def _batch_parser(sub) -> None:
     b.add_argument("inputs", type=Path, nargs="+", help="image files, folders (their images, sorted) or .txt files "
                                                          "listing image paths (one a line)")
     b.add_argument("-o", "--output", type=Path, required=True, help="output folder")
-    _sampling_options(b, seed_default=0)
-    b.set_defaults(device="auto")  # the GPU of the process's local rank when there are GPUs, else the CPU
+    _sampling_options(b, seed_help="item NAME's seed is derived from it and NAME alone, recorded in the manifest; "
+                                   "default: the seed of the run recorded in OUTDIR's manifest (a rerun resumes "
+                                   "alike), else a random one, printed")
     _plan_options(b)
     b.add_argument("--decode-chunk-size", type=int)
     b.add_argument("--batch-size", type=int, default=1, help="videos per UNet evaluation (default 1)")
     b.add_argument("--format", choices=("mp4", "webm", "gif"), default="mp4", help="output format (default mp4)")
     b.add_argument("--overwrite", action="store_true", help="redo inputs whose output exists (default: skip them)")
-    b.add_argument("--no-progress", action="store_true", help="no progress bar")
+    b.add_argument("--processes", type=int, default=1,
+                   help="run N processes on this machine, each with its share, as torchrun would (on the GPU of "
+                        "each process's rank, or the CPU with --threads split between them); one line per process "
+                        "that ended badly (default 1)")
+    b.add_argument("--no-lock", action="store_true", help=argparse.SUPPRESS)  # the copies of --processes N
 
 
-def _sampling_options(p: argparse.ArgumentParser, seed_default: int | None = None) -> None:
-    """The model and sampling options `generate` and `calibrate` share."""
+def _sampling_options(p: argparse.ArgumentParser, seed_help: str = "default: a random one, printed") -> None:
+    """The model, sampling and run options `generate`, `batch` and `calibrate` share, with one set of defaults."""
     p.add_argument("--model", default="svd-xt",
                    help="preset (svd, svd-xt, svd-xt-1.1, tiny), an original .safetensors file, a diffusers folder "
                         "or an svdlite converted file; presets are downloaded from the Hugging Face Hub "
                         "(default: svd-xt)")
-    p.add_argument("--seed", type=int, default=seed_default,
-                   help="random seed in [0, 2**64); the same seed and settings give the same file "
-                        f"(default: {'a random one, printed' if seed_default is None else seed_default})")
+    p.add_argument("--seed", type=int, help="random seed in [0, 2**64); the same seed, settings, machine and "
+                                            f"--threads give the same file ({seed_help})")
     p.add_argument("--num-frames", type=int, help="frames to generate (default: the preset's, 14 or 25)")
     p.add_argument("--steps", type=int, dest="num_inference_steps", help="denoising steps (default: 25 or 30)")
     p.add_argument("--schedule", choices=("edm", "ays"), default=None,
@@ -211,9 +214,16 @@ def _sampling_options(p: argparse.ArgumentParser, seed_default: int | None = Non
     p.add_argument("--height", type=int, help="video height, a multiple of 64 (default: 576)")
     p.add_argument("--width", type=int, help="video width, a multiple of 64 (default: 1024)")
     p.add_argument("--device", default="auto",
-                   help="cpu, cuda, cuda:N, mps, or auto: the GPU when there is one (default: auto)")
-    p.add_argument("--dtype", choices=DTYPES, default="fp32",
-                   help="precision of the UNet and CLIP; the VAE always runs in fp32 (default: fp32)")
+                   help="cpu, cuda, cuda:N, mps, or auto: the GPU when there is one (under torchrun: the GPU of the "
+                        "process's local rank), else the CPU (default: auto)")
+    p.add_argument("--dtype", choices=DTYPES, default="auto",
+                   help="precision of the UNet and CLIP; the VAE always runs in fp32 (default: auto, fp16 on a GPU "
+                        "and fp32 on the CPU)")
+    p.add_argument("--threads", type=int,
+                   help="CPU threads torch uses (default: torch's, one per core); on a machine busy with other work "
+                        "fewer run faster. The video depends on it in the last bits (float rounding)")
+    p.add_argument("-q", "--quiet", "--no-progress", dest="quiet", action="store_true",
+                   help="no progress bars (they are shown only when stderr is a terminal)")
 
 
 SAMPLING_KEYS = ("num_frames", "num_inference_steps", "fps", "motion_bucket_id", "noise_aug_strength",
@@ -221,39 +231,91 @@ SAMPLING_KEYS = ("num_frames", "num_inference_steps", "fps", "motion_bucket_id",
 TORCH_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 
-def _load(args):
-    """The model of `--model` on `--device` in `--dtype`, with a line saying what is loaded where."""
+def _progress(args) -> bool:
+    """Progress bars: on a terminal, unless --quiet."""
+    return not args.quiet and sys.stderr.isatty()
+
+
+def _run_checks(args) -> None:
+    """The checks of the model name, device and thread count: before any model loads."""
+    from .checks import resolve_device
+    from .components import resolve_model_path
+    from .presets import PRESETS
+
+    if args.model not in PRESETS:
+        resolve_model_path(args.model)  # a path that does not exist is refused here (a preset downloads later)
+    resolve_device(args.device)
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads must be a positive int, got {args.threads}")
+
+
+def _load(args, device: str | None = None, announce: bool = True):
+    """The model of `--model` on `--device` (or `device`) in `--dtype`, after a line saying what loads where."""
     import torch
 
-    from .checks import resolve_device
+    from .checks import resolve_device, resolve_dtype
     from .components import load_model
 
-    device = resolve_device(args.device)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
-    print(f"loading {_model_line(args.model)} on {device}{f' ({name})' if name else ''}, {args.dtype}")
-    return load_model(args.model, device=device, dtype=getattr(torch, TORCH_DTYPES[args.dtype]))
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    device = resolve_device(device or args.device)
+    dtype = resolve_dtype(getattr(torch, TORCH_DTYPES[args.dtype]) if args.dtype in TORCH_DTYPES else args.dtype,
+                          device)
+    name = f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""
+    if announce:
+        print(f"loading {_model_line(args.model)} on {device}{name}, {str(dtype).removeprefix('torch.')}, "
+              f"{torch.get_num_threads()} CPU thread(s)")
+    return load_model(args.model, device=device, dtype=dtype, progress=_progress(args))
+
+
+def _plan_kwargs(args) -> dict:
+    """The approximate options as `generate` and `check_before_loading` take them."""
+    return {"speed": args.speed, "schedule": args.schedule, "guidance_cut_step": args.guidance_cut_step,
+            "f3_ratio": args.f3_ratio, "f3_statistic": args.f3_statistic, "cache_interval": args.cache_interval,
+            "cache_depth": args.cache_depth}
+
+
+def _settings(args, keys=SAMPLING_KEYS) -> dict:
+    return {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
+
+
+def _size_multiple(args) -> int | None:
+    from .presets import PRESETS
+
+    return 64 if args.model in PRESETS else None  # every preset's network: 64; a file's is checked once loaded
 
 
 def _calibrate(args) -> int:
     from .calibrate import calibrate_f3
-    from .checks import check_settings, resolve_device
+    from .checks import check_settings
     from .image import open_image
-    from .presets import PRESETS
+    from .outputs import exclusive, lock_path
+    from .seeds import random_seed
 
-    options = {k: getattr(args, k) for k in SAMPLING_KEYS if getattr(args, k) is not None}
-    check_settings(**options, seed=args.seed, size_multiple=64 if args.model in PRESETS else None)
+    options = _settings(args)
+    check_settings(**options, seed=args.seed, size_multiple=_size_multiple(args))
     if args.output.exists() and not args.force:
         raise FileExistsError(f"{args.output} exists; pass --force to overwrite it")
     if not args.output.parent.is_dir():
         raise FileNotFoundError(f"output folder {args.output.parent} does not exist")
     images = [open_image(path) for path in args.images]
-    resolve_device(args.device)
-    schedule = calibrate_f3(images, model=_load(args), seed=args.seed, schedule=args.schedule,
-                            progress=not args.no_progress, **options)
-    schedule.save(args.output, overwrite=args.force)
+    _run_checks(args)
+    with exclusive(lock_path(args.output), f"output {args.output}"):
+        seed = _announce_seed(args.seed, random_seed)
+        schedule = calibrate_f3(images, model=_load(args), seed=seed, schedule=args.schedule,
+                                progress=_progress(args), **options)
+        schedule.save(args.output, overwrite=args.force)
     print(f"wrote {args.output} ({len(schedule.units)} temporal blocks x {schedule.num_steps} steps = "
-          f"{schedule.num_units} units, {len(args.images)} image(s))")
+          f"{schedule.num_units} units, {len(args.images)} image(s), seed {seed})")
     return 0
+
+
+def _announce_seed(seed: int | None, draw) -> int:
+    """The given seed, or a random one, printed with how to make the same output again."""
+    if seed is None:
+        seed = draw()
+        print(f"seed: {seed} (pass --seed {seed} to make this again)")
+    return seed
 
 
 def _size(path: Path) -> str:
@@ -273,58 +335,77 @@ def _model_line(model: str) -> str:
 
 
 def _generate(args) -> int:
-    import secrets
-
-    from .checks import check_settings, resolve_device
-    from .f3 import F3Schedule
+    from .checks import check_settings
     from .image import open_image
-    from .pipeline import generate
-    from .plan import check_options, speed_options
-    from .presets import PRESETS
+    from .outputs import exclusive, lock_path
+    from .pipeline import check_before_loading, generate
+    from .seeds import random_seed
     from .video import check_output
 
-    options = {k: getattr(args, k) for k in SAMPLING_KEYS + ("decode_chunk_size", "seed", "guidance_cut_step")}
-    check_settings(**options, size_multiple=64 if args.model in PRESETS else None)  # every preset's network: 64
+    settings = _settings(args, SAMPLING_KEYS + ("decode_chunk_size",))
+    check_settings(**settings, size_multiple=_size_multiple(args))
+    f3_schedule = check_before_loading(args.model, f3_schedule=args.f3_schedule, seed=args.seed, **_plan_kwargs(args),
+                                       **settings)
     output = check_output(args.output, overwrite=args.force)
     if output.resolve() == args.image.resolve():
         raise ValueError(f"output {output} is the input image; choose another output file")
     image = open_image(args.image)
-    plan_options = {"f3_ratio": args.f3_ratio, "f3_statistic": args.f3_statistic, "cache_interval": args.cache_interval,
-                    "cache_depth": args.cache_depth, "schedule": args.schedule}
-    check_options(speed_options(args.speed, plan_options | {"guidance_cut_step": args.guidance_cut_step}),
-                  args.f3_schedule is not None)
-    f3_schedule = None if args.f3_schedule is None else F3Schedule.load(args.f3_schedule)
-    resolve_device(args.device)
-    if options["seed"] is None:
-        options["seed"] = secrets.randbelow(2**32)
-        print(f"seed: {options['seed']} (pass --seed {options['seed']} to make this video again)")
-    video = generate(image, model=_load(args), progress=not args.no_progress, f3_schedule=f3_schedule,
-                     speed=args.speed, **plan_options, **{k: v for k, v in options.items() if v is not None})
-    video.save(output, overwrite=args.force)
-    print(f"wrote {output} ({len(video)} frames, {video.width}x{video.height}, {video.fps:g} fps)")
+    _run_checks(args)
+    with exclusive(lock_path(output), f"output {output}"):
+        seed = _announce_seed(args.seed, random_seed)
+        video = generate(image, model=_load(args), progress=_progress(args), f3_schedule=f3_schedule, seed=seed,
+                         **_plan_kwargs(args), **settings)
+        video.save(output, overwrite=args.force)
+    print(f"wrote {output} ({len(video)} frames, {video.width}x{video.height} (width x height), {video.fps:g} fps, "
+          f"seed {seed})")
     return 0
 
 
 def _batch(args) -> int:
-    import torch
+    from .batch import OPTION_KEYS, Dist, discover_inputs, pick_device, run_batch
+    from .checks import check_settings
+    from .outputs import exclusive, lock_path
+    from .pipeline import check_before_loading
 
-    from .batch import OPTION_KEYS, run_batch
-    from .plan import check_options, speed_options
-
-    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
     options = {k: getattr(args, k) for k in OPTION_KEYS if getattr(args, k) is not None}
-    check_options(speed_options(args.speed, {k: v for k, v in options.items() if k != "speed"}),
-                  args.f3_schedule is not None)  # before the model loads
-    summary = run_batch(args.inputs, args.output, model=args.model, seed=args.seed, batch_size=args.batch_size,
-                        overwrite=args.overwrite, video_format=args.format, device=args.device, dtype=dtype,
-                        progress=not args.no_progress, **options)
+    check_settings(**_settings(args), size_multiple=_size_multiple(args))
+    discover_inputs(args.inputs)  # before the loading line: missing inputs, empty folders and lists are refused
+    check_before_loading(args.model, seed=args.seed, **{k: v for k, v in options.items() if k != "decode_chunk_size"})
+    _run_checks(args)
+    if args.processes < 1:
+        raise ValueError(f"--processes must be a positive int, got {args.processes}")
+    if not args.output.parent.is_dir():
+        raise FileNotFoundError(f"cannot make output folder {args.output}: {args.output.parent} does not exist")
+    if args.output.exists() and not args.output.is_dir():
+        raise NotADirectoryError(f"output {args.output} is a file; expected a folder (made if missing)")
+    dist = Dist.from_env()
+    locked = args.no_lock or dist.rank != 0  # the lock is rank 0's (or the launching process's)
+    with nullcontext() if locked else exclusive(lock_path(args.output), f"output folder {args.output}"):
+        if args.processes > 1 and "RANK" not in os.environ:
+            return _launch(args)
+        model = _load(args, device=pick_device(args.device, dist), announce=dist.rank == 0)
+        summary = run_batch(args.inputs, args.output, model=model, seed=args.seed, batch_size=args.batch_size,
+                            overwrite=args.overwrite, video_format=args.format, device=pick_device(args.device, dist),
+                            dist=dist, progress=_progress(args), lock=False, **options)
     if summary["rank"] == 0:
         minutes = summary["seconds"] / 60
         rate = f", {summary['done'] / minutes:.2f} videos/min" if summary["done"] and minutes > 0 else ""
         print(f"{summary['done']} done, {summary['failed']} failed, {summary['skipped']} skipped (output existed) "
-              f"in {summary['seconds']:.1f} s on {summary['world_size']} process(es){rate}; "
+              f"in {summary['seconds']:.1f} s on {summary['world_size']} process(es){rate}, seed {summary['seed']}; "
               f"manifest: {args.output / 'manifest.jsonl'}")
     return 1 if summary["failed"] else 0
+
+
+def _launch(args) -> int:
+    """`batch --processes N`: the run's seed decided here (every copy uses it), then N copies of the command."""
+    from .batch import run_seed
+    from .launch import run_copies
+
+    seed, origin = run_seed(args.output, args.seed)
+    print(f"seed: {seed} ({origin})")
+    threads = args.threads or max(1, (os.cpu_count() or 1) // args.processes)  # no oversubscribed cores
+    return run_copies([*args.argv, "--processes", "1", "--seed", str(seed), "--threads", str(threads), "--no-lock"],
+                      args.processes)
 
 
 def _info(args) -> int:
@@ -336,7 +417,9 @@ def _info(args) -> int:
 
 
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
+    args.argv = argv  # `batch --processes N` runs the same command N times
     return run_cleanly(args.command, args)
 
 

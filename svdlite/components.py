@@ -10,11 +10,13 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from . import clip_keymap, vae_keymap
 from .clip import CLIPVisionConfig, build_image_encoder
 from .loading import (SVDLITE_FORMAT, CheckpointError, Entry, TensorSource, detect_unet_format, diffusers_unet_files,
                       gc_paused, load_planned, mark_stored_blend, state_shapes, unet_file_keys, unet_plan)
+from .checks import resolve_device, resolve_dtype
 from .presets import PRESETS
 from .unet import UNetConfig, VideoUNet
 from .unet_keymap import ORIGINAL_PREFIX, unet_config_from_diffusers, unet_config_from_shapes
@@ -269,18 +271,34 @@ def resolve_model_path(model, token: str | None = None) -> tuple[Path, str | Non
     return path, None
 
 
-def load_model(model="svd-xt", *, device="cpu", dtype: torch.dtype = torch.float32, token: str | None = None) -> SVDModel:
+# each component's share of the parameters SVD loads (1.47B UNet, 34M encoder, 64M decoder, 632M CLIP), in percent:
+# the progress bar's steps, whose time-left estimate then follows the reading
+LOAD_SHARE = {"unet": 67, "vae_encoder": 2, "vae_decoder": 3, "image_encoder": 28}
+
+
+def load_model(model="svd-xt", *, device="auto", dtype="auto", token: str | None = None,
+               progress: bool = False) -> SVDModel:
     """Load all four components from a preset name, an original file, a diffusers folder or an svdlite file.
 
-    The VAE runs in float32 whatever `dtype` is (as sgm disables autocast for encoding and decoding)."""
+    Args:
+        device: "auto" (the first CUDA GPU when torch sees one, else the CPU) or a device.
+        dtype: the UNet's and CLIP's dtype; "auto" is float16 on a GPU and float32 on the CPU
+            (`checks.resolve_dtype`). The VAE runs in float32 whatever `dtype` is (as sgm disables autocast for
+            encoding and decoding).
+        progress: a progress bar over the components' parameters, with the time left.
+    """
+    device = resolve_device(device)
+    dtype = resolve_dtype(dtype, device)
     path, preset = resolve_model_path(model, token)
     ms = open_model_source(path, preset)
-    return SVDModel(
-        unet=load_component(ms, "unet", device=device, dtype=dtype),
-        vae_encoder=load_component(ms, "vae_encoder", device=device, dtype=torch.float32),
-        vae_decoder=load_component(ms, "vae_decoder", device=device, dtype=torch.float32),
-        image_encoder=load_component(ms, "image_encoder", device=device, dtype=dtype),
-        vae_config=ms.vae_config, clip_config=ms.clip_config, preset=ms.preset, source=str(path))
+    dtypes = {"unet": dtype, "vae_encoder": torch.float32, "vae_decoder": torch.float32, "image_encoder": dtype}
+    parts = {}
+    with tqdm(total=sum(LOAD_SHARE.values()), desc="loading", unit="%", disable=not progress) as bar:
+        for component, component_dtype in dtypes.items():
+            parts[component] = load_component(ms, component, device=device, dtype=component_dtype)
+            bar.update(LOAD_SHARE[component])
+    return SVDModel(**parts, vae_config=ms.vae_config, clip_config=ms.clip_config, preset=ms.preset,
+                    source=str(path))
 
 
 def describe(model) -> list[str]:

@@ -121,12 +121,17 @@ class F3Schedule:
             if why:
                 raise ValueError(f"the F3 schedule was calibrated on another model: it describes {why}; calibrate "
                                  "one for this model (svdlite calibrate)")
+        self.check_fit(settings)
+        return [f"F3 schedule calibrated with {k}={self.settings[k]!r}, this run uses {settings[k]!r}"
+                for k in WARNED if k in settings and k in self.settings and settings[k] != self.settings[k]]
+
+    def check_fit(self, settings: dict) -> None:
+        """Refuse (ValueError) a schedule calibrated for another frame or step count than `settings` gives; keys
+        absent from `settings` are not checked (before loading, only the given ones and a preset's are known)."""
         for key in REFUSED:
             if key in settings and key in self.settings and settings[key] != self.settings[key]:
                 raise ValueError(f"the F3 schedule was calibrated with {key}={self.settings[key]}, this run uses "
                                  f"{settings[key]}; calibrate one for these settings")
-        return [f"F3 schedule calibrated with {k}={self.settings[k]!r}, this run uses {settings[k]!r}"
-                for k in WARNED if k in settings and k in self.settings and settings[k] != self.settings[k]]
 
     def to_json(self) -> dict:
         return {"format": FORMAT, "version": VERSION, "units": list(self.units), "settings": self.settings,

@@ -20,7 +20,9 @@ from .conditioning import augment_condition_image, cfg_batch, fps_id_from_fps, m
 from .f3 import as_schedule, unet_identity
 from .image import load_image, open_image
 from .plan import Plan, Step, build_plan, check_options, speed_options
-from .presets import SamplingConfig
+from .presets import PRESETS, SamplingConfig
+from .seeds import random_seed
+from .unet import UNetConfig
 from .vae import decode_latents
 from .video import Video, to_uint8_frames
 
@@ -54,6 +56,37 @@ def noise_schedule(num_steps: int | None, schedule: str | None = "edm", sigmas=N
     if schedule == "ays":
         return sampling.ays_sigmas(10 if num_steps is None else num_steps), "ays"
     raise ValueError(f"unknown noise schedule {schedule!r}; expected 'edm' or 'ays' (or pass sigmas=)")
+
+
+def check_before_loading(model, *, f3_schedule=None, speed: str = "exact", seed=None, schedule: str | None = None,
+                         guidance_cut_step: int | None = None, f3_ratio: float | None = None,
+                         f3_statistic: str | None = None, cache_interval: int | None = None,
+                         cache_depth: int | None = None, **settings):
+    """Every check of a run's settings and options that needs no loaded model; returns the F3 schedule, read.
+
+    model: what will be loaded (a preset name, whose sampling defaults are known, a path, or an `SVDModel`).
+    settings: `generate`'s sampling settings (None = the preset's). An F3 schedule calibrated for another frame or
+    step count than the run's (as far as the settings and a preset's defaults tell) is refused here."""
+    checks.check_settings(**settings, seed=seed, guidance_cut_step=guidance_cut_step)
+    o = speed_options(speed, dict(num_inference_steps=settings.get("num_inference_steps"), schedule=schedule,
+                                  guidance_cut_step=guidance_cut_step, f3_ratio=f3_ratio, f3_statistic=f3_statistic,
+                                  cache_interval=cache_interval, cache_depth=cache_depth))
+    check_options(o, f3_schedule is not None)
+    blocks = len(UNetConfig().channel_mult) * (UNetConfig().num_res_blocks + 1)  # every SVD UNet's output blocks
+    if o.get("cache_depth") is not None and o["cache_depth"] >= blocks:
+        raise ValueError(f"cache_depth must be below {blocks} (the UNet's output blocks), got {o['cache_depth']}")
+    if f3_schedule is None:
+        return None
+    f3_schedule = as_schedule(f3_schedule)  # a bad file fails here
+    f3_schedule.num_skipped(o.get("f3_ratio") or 0.0)
+    defaults = model.sampling if isinstance(model, SVDModel) else (
+        PRESETS[model].sampling if isinstance(model, str) and model in PRESETS else None)
+    steps = o.get("num_inference_steps")
+    if steps is None:
+        steps = 10 if o.get("schedule") == "ays" else None if defaults is None else defaults.num_inference_steps
+    frames = settings.get("num_frames") or (None if defaults is None else defaults.num_frames)
+    f3_schedule.check_fit({k: v for k, v in (("num_frames", frames), ("num_inference_steps", steps)) if v is not None})
+    return f3_schedule
 
 
 def make_plan(model: SVDModel, s: SamplingConfig, sigmas: torch.Tensor, *, schedule_name: str = "edm",
@@ -108,8 +141,10 @@ def generate(image, *, model="svd-xt", num_frames: int | None = None, num_infere
       a video does not depend on its batch beyond float32 noise, README "Many images").
     model: an `SVDModel` from `load_model`, or anything `load_model` takes (preset name, file, folder).
     device, dtype: where and in which precision the UNet and CLIP run; by default a loaded model's own, else
-        cpu and float32. A loaded model is never moved or cast: asking for another device or dtype is an error.
-    seed: for a list, one int per image, or one int s: image k then gets seed s + k. Each `Video` records its seed.
+        "auto": the GPU when torch sees one (else the CPU), float16 on a GPU and float32 on the CPU. A loaded model
+        is never moved or cast: asking for another device or dtype is an error.
+    seed: for a list, one int per image, or one int s: image k then gets seed s + k. None: a random one
+        (`seeds.random_seed`). Each `Video` records its seed.
     generator, latents: for a list, one per image (a list), or None.
     fps: the frame rate; the model is conditioned on fps - 1 (fps=7 reproduces sgm's official script).
     latents: the initial noise at unit variance, (num_frames, 4, height/8, width/8), or (1, num_frames, ...) as
@@ -125,29 +160,27 @@ def generate(image, *, model="svd-xt", num_frames: int | None = None, num_infere
     Returns a `Video` (uint8 frames, fps, seed) whose `latents` are the final denoised latents (a list for a list).
     Settings, options, images and device are checked before the model is loaded; non-finite values stop the run.
     """
-    checks.check_settings(num_frames=num_frames, num_inference_steps=num_inference_steps, fps=fps,
-                          motion_bucket_id=motion_bucket_id, noise_aug_strength=noise_aug_strength,
-                          min_guidance_scale=min_guidance_scale, max_guidance_scale=max_guidance_scale,
-                          decode_chunk_size=decode_chunk_size, height=height, width=width,
-                          guidance_cut_step=guidance_cut_step)
+    f3_schedule = check_before_loading(  # settings, options and the F3 schedule's fit, before the model loads
+        model, f3_schedule=f3_schedule, speed=speed, schedule=schedule, guidance_cut_step=guidance_cut_step,
+        f3_ratio=f3_ratio, f3_statistic=f3_statistic, cache_interval=cache_interval, cache_depth=cache_depth,
+        num_frames=num_frames, num_inference_steps=num_inference_steps, fps=fps, motion_bucket_id=motion_bucket_id,
+        noise_aug_strength=noise_aug_strength, min_guidance_scale=min_guidance_scale,
+        max_guidance_scale=max_guidance_scale, decode_chunk_size=decode_chunk_size, height=height, width=width)
     for seed_k in seed if isinstance(seed, (list, tuple)) else [seed]:  # one seed, or one per image
         checks.check_settings(seed=seed_k)
     o = speed_options(speed, dict(num_inference_steps=num_inference_steps, schedule=schedule,
                                   guidance_cut_step=guidance_cut_step, f3_ratio=f3_ratio, f3_statistic=f3_statistic,
                                   cache_interval=cache_interval, cache_depth=cache_depth))
-    check_options(o, f3_schedule is not None)
     if seed is not None and generator is not None:
         raise ValueError("pass either seed or generator, not both")
-    if f3_schedule is not None:
-        f3_schedule = as_schedule(f3_schedule)  # a bad file fails here, before the model loads
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     batched = isinstance(image, (list, tuple))
     images = [open_image(im) if isinstance(im, (str, Path)) else im  # a bad file fails here, before loading
               for im in (image if batched else [image])]
+    device, dtype = (None if device == "auto" else device), (None if dtype == "auto" else dtype)
     if not isinstance(model, SVDModel):
-        model = load_model(model, device=checks.resolve_device(device or "cpu"),
-                           dtype=checks.check_dtype(dtype or torch.float32), token=token)
+        model = load_model(model, device=device or "auto", dtype=dtype or "auto", token=token, progress=progress)
     dev, dtype = checks.model_device_dtype(model.unet, device, dtype)
     sigmas, schedule_name = noise_schedule(o.get("num_inference_steps"), o.get("schedule"), sigmas,
                                            model.sampling.num_inference_steps)
@@ -180,7 +213,7 @@ def make_generator(seed: int | None, generator: torch.Generator | None) -> torch
     if seed is not None and generator is not None:
         raise ValueError("pass either seed or generator, not both")
     return generator if generator is not None else torch.Generator().manual_seed(
-        seed if seed is not None else torch.seed())
+        seed if seed is not None else random_seed())
 
 
 def _per_image(value, count: int, batched: bool, name: str) -> list:
@@ -207,7 +240,7 @@ def make_generators(count: int, seed, generator, batched: bool) -> tuple[list, l
         seeds = _per_image(seed, count, batched, "seed")
     else:
         if seed is None:
-            seed = torch.seed() if not batched else torch.seed() % 2**63  # room for seed + k
+            seed = random_seed()
         seeds = [seed + k for k in range(count)] if isinstance(seed, int) and not isinstance(seed, bool) else [seed]
     for s in seeds:
         if isinstance(s, bool) or not isinstance(s, int) or not 0 <= s < 2**64:

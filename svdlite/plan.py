@@ -16,9 +16,13 @@ import torch
 
 CACHE_MODES = (None, "refresh", "reuse")
 # Named, tested combinations of the options (`generate(speed=...)`, `--speed`); options given explicitly win.
-# MACs per SVD-XT video at its defaults (30 steps, 25 frames, 576x1024; tools/count_macs.py --speed): exact 100%,
+# MACs per SVD-XT video at its defaults (30 steps, 25 frames, 1024x576; tools/count_macs.py --speed): exact 100%,
 # balanced 54.3%, fast 33.3%. Chosen as the combinations meeting 60% / 35% that moved the output least in
 # tools/measure_options.py (README; random weights: DeepCache's N = 3, D = 1 costs 49.9% but moved it more).
+# step caching's depth when only the interval is given: 0 recomputes only the shallowest branch (input block 0 and
+# the last output block) at reusing steps, the most work saved; it is the depth of the "balanced" level, whose speed
+# and deviation are measured (README)
+DEFAULT_CACHE_DEPTH = 0
 SPEED_LEVELS = {
     "exact": {},
     "balanced": {"cache_interval": 2, "cache_depth": 0},  # every other step runs only the shallowest branch
@@ -60,10 +64,14 @@ def check_options(options: dict, has_f3_schedule: bool) -> None:
 
 
 def speed_options(speed: str, options: dict) -> dict:
-    """The options of a `speed` level, overridden by the explicitly given (non-None) ones."""
+    """The options of a `speed` level, overridden by the explicitly given (non-None) ones; step caching without a
+    depth gets `DEFAULT_CACHE_DEPTH`."""
     if speed not in SPEED_LEVELS:
         raise ValueError(f"unknown speed {speed!r}; expected one of {list(SPEED_LEVELS)}")
-    return SPEED_LEVELS[speed] | {k: v for k, v in options.items() if v is not None}
+    o = SPEED_LEVELS[speed] | {k: v for k, v in options.items() if v is not None}
+    if o.get("cache_depth") is None and isinstance(o.get("cache_interval"), int) and o["cache_interval"] > 1:
+        o["cache_depth"] = DEFAULT_CACHE_DEPTH
+    return o
 
 
 @dataclass(frozen=True)

@@ -27,11 +27,11 @@ def test_discover_inputs(tmp_path):
         (folder / name).write_bytes(b"")
     (folder / "sub").mkdir()
     listing = tmp_path / "list.txt"
-    listing.write_text("# a comment\n\nin/c.webp\n/abs/x.png\n")
+    listing.write_text(f"# a comment\n\nin/c.webp\n{folder / 'b.png'}\n")
     single = tmp_path / "one.png"
     single.write_bytes(b"")
     assert discover_inputs([folder, listing, single]) == [
-        folder / "a.JPG", folder / "b.png", folder / "c.webp", tmp_path / "in" / "c.webp", Path("/abs/x.png"), single]
+        folder / "a.JPG", folder / "b.png", folder / "c.webp", tmp_path / "in" / "c.webp", folder / "b.png", single]
     with pytest.raises(FileNotFoundError, match="missing.png is not an image file, a folder or a .txt list"):
         discover_inputs([tmp_path / "missing.png"])
 
@@ -126,10 +126,31 @@ def test_torchrun_two_processes_make_every_item_once(torchrun_run, inputs):
     assert sorted(records) == ["corrupt.mp4", "img0.mp4", "img1.mp4", "img2.mp4", "img3.mp4"]
     assert {r["rank"] for r in records.values()} == {0, 1} and {r["world_size"] for r in records.values()} == {2}
     bad = records["corrupt.mp4"]
-    assert bad["status"] == "failed" and "UnidentifiedImageError" in bad["error"] and "corrupt.png" in bad["error"]
+    assert bad["status"] == "failed" and "corrupt.png is not an image PIL can read" in bad["error"]
     for name, r in records.items():
         assert r["seed"] == item_seed(11, Path(name).stem) and r["settings"]["num_frames"] == 3
         assert r["input"] == str(inputs / name.replace(".mp4", ".png"))
+
+
+def test_processes_option_reports_a_failed_item_in_one_line(torchrun_run, inputs, tmp_path):
+    """`batch --processes 2`: the same shares and videos as torchrun's; a failed item is its own line and one line
+    for the processes, exit code 1, no traceback."""
+    outdir = tmp_path / "out"
+    env = os.environ | {"PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+                        "CUDA_VISIBLE_DEVICES": ""}
+    cmd = [sys.executable, "-m", "svdlite", "batch", str(inputs), "-o", str(outdir), *CLI_OPTIONS, "--seed", "11",
+           "--quiet", "--processes", "2"]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr and "4 done, 1 failed, 0 skipped" in result.stdout
+    ended = [line for line in result.stderr.splitlines() if "ended with exit code" in line]
+    assert len(ended) == 1 and "(an item failed: see the manifest)" in ended[0]
+    assert len(result.stderr.strip().splitlines()) == 2  # the item's failure line and the process's
+    records, reference = manifest(outdir), manifest(torchrun_run[0])
+    assert sorted(records) == sorted(reference) and {r["rank"] for r in records.values()} == {0, 1}
+    for name, r in records.items():
+        assert (r["seed"], r["status"], r["frames_sha256"]) == (reference[name]["seed"], reference[name]["status"],
+                                                                reference[name]["frames_sha256"])
 
 
 def test_single_process_run_equals_torchrun_and_resumes(torchrun_run, inputs, tmp_path):

@@ -1,7 +1,8 @@
 """Full size: an SVD-XT-shaped original file (random fp16 weights with the shapes of tests/keymaps) converts,
 the converted file holds exactly the expected parameters, and both give the same UNet output.
 
-Writes ~4.5 GB (source) + ~4.4 GB (converted) into a temporary folder that is deleted afterwards.
+Writes ~4.5 GB (source) + ~4.4 GB (converted) into a temporary folder that is deleted afterwards, and needs ~12 GB
+of memory: the `slow` part of the suite (`python -m pytest -m slow`).
 """
 import csv
 import gc
@@ -19,6 +20,7 @@ from svdlite.testing import random_tensors
 from helpers import KEYMAPS, load_tool
 
 convert_weights = load_tool("convert_weights")
+pytestmark = pytest.mark.slow
 
 EXPECTED = {"unet": 1_449_502_442, "vae_encoder": 34_163_592 + 72, "vae_decoder": 63_579_183,
             "image_encoder": 632_076_800}  # vae_encoder: encoder + quant_conv (8*8 + 8)

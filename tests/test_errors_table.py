@@ -1,6 +1,6 @@
-"""README "Inputs and what svdlite says": every row is run here through `svdlite generate` / `svdlite info`
+"""docs/errors.md "Inputs and what svdlite says": every row is run here through `svdlite generate` / `svdlite info`
 (in-process `cli.main`), and must be refused with exit code 2 and its message before any model is loaded.
-A last test checks that each row's message is the one the README table shows."""
+A last test checks that each row's message is the one the docs table shows."""
 import io
 import json
 import pickle
@@ -91,7 +91,7 @@ def make(kind: str, tmp: Path) -> Path:
 
 
 # (row id, what is tried, command line with {bad} for the made input, message fragment). Message fragments appear
-# verbatim in the README table.
+# verbatim in the docs/errors.md table.
 ROWS = [
     ("missing image", "a missing image file", "generate {tmp}/none.png -o {out}", "not found"),
     ("not an image", "a text file named .png", "generate {bad} -o {out}", "is not an image PIL can read"),
@@ -158,10 +158,9 @@ def test_row(row, tmp_path, monkeypatch, capsys):
     assert not (tmp_path / "out.mp4").exists()
 
 
-def test_readme_table_shows_every_row():
-    readme = (REPO / "README.md").read_text()
-    table = readme[readme.index("## Inputs and what svdlite says"):]
+def test_docs_table_shows_every_row():
+    table = (REPO / "docs" / "errors.md").read_text()
     lines = {line.split(" | ")[0]: line for line in table.splitlines() if line.startswith("| ")}
     for name, tried, _, message in ROWS:
-        assert f"| {tried}" in lines, f"README table has no row | {tried} | for {name!r}"
-        assert message in lines[f"| {tried}"], f"README row | {tried} | does not show {message!r}"
+        assert f"| {tried}" in lines, f"docs/errors.md has no row | {tried} | for {name!r}"
+        assert message in lines[f"| {tried}"], f"docs/errors.md row | {tried} | does not show {message!r}"

@@ -278,13 +278,18 @@ def test_sigterm_during_conversion_leaves_no_partial_file(tmp_path, monkeypatch,
 
 
 def test_seed_and_model_lines_are_printed(tmp_path, capsys):
-    """Without --seed the drawn seed is printed (to make a good run again), then what is loaded, from where."""
+    """Without --seed the drawn seed is printed (to make a good run again), then what is loaded, from where; a model
+    path that does not exist is refused before either."""
     code = cli.main(["generate", str(EXAMPLE), "-o", str(tmp_path / "x.mp4"), "--model", str(tmp_path / "m.bin")])
     out = capsys.readouterr()
-    assert code == cli.EXIT_REFUSED and "no such file or folder" in out.err
+    assert code == cli.EXIT_REFUSED and "no such file or folder" in out.err and out.out == ""
+    code = cli.main(["generate", str(EXAMPLE), "-o", str(tmp_path / "x.mp4"), "--model", "tiny", "--num-frames", "2",
+                     "--steps", "1", "--height", "64", "--width", "64", "--device", "cpu", "--quiet"])
+    out = capsys.readouterr()
+    assert code == 0, out.err
     seed = int(out.out.split("seed: ")[1].split()[0])
-    assert 0 <= seed < 2**32 and f"pass --seed {seed} to make this video again" in out.out
-    assert f"loading {tmp_path / 'm.bin'} on cpu, fp32" in out.out
+    assert 0 <= seed < 2**32 and f"pass --seed {seed} to make this again" in out.out
+    assert "loading tiny (bundled, " in out.out and "on cpu, float32, " in out.out
 
 
 def test_clean_errors_from_a_thread_too(capsys):
