@@ -155,7 +155,9 @@ def _plan_options(g: argparse.ArgumentParser) -> None:
     g.add_argument("--cache-interval", type=int,
                    help="step caching: every N-th step runs the whole UNet, the others reuse its deep features "
                         "(approximate; 1 = off)")
-    g.add_argument("--cache-depth", type=int, help="step caching: the recomputed branch, 0 = the shallowest")
+    g.add_argument("--cache-depth", type=int,
+                   help="step caching: the branch recomputed at reusing steps, 0 = the shallowest (default 0 when "
+                        "--cache-interval is above 1: the most work saved, and the balanced level's measured choice)")
     g.add_argument("--speed", choices=("exact", "balanced", "fast"), default="exact",
                    help="a tested combination of the approximate options (README: what each trades); options "
                         "given explicitly override it")

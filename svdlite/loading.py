@@ -364,7 +364,7 @@ def unet_plan(fmt: str, config: UNetConfig, expected) -> tuple[dict[str, Entry],
     return plan, set() if names is None else set(names.values())
 
 
-# svdlite files written by the converters of stops 13-15 say so in their metadata: their VideoResBlocks'
+# svdlite files written by earlier converters say so in their metadata: their VideoResBlocks'
 # `time_stack.out_layers.3` tensors hold (1 - alpha) W and b, the blend folded in; the model then scales by 1.0
 BLEND_METADATA_KEY, BLEND_FOLDED = "unet_temporal_blend", "folded"
 

@@ -61,7 +61,7 @@ class VideoResBlock(ResBlock):
         self.time_stack = ResBlock(out_channels, emb_channels, out_channels, dims=3, kernel_size=video_kernel_size,
                                    exchange_temb_dims=True)
         self.time_mixer = AlphaBlender()
-        # True for a model loaded from an svdlite file written by the converters of stops 13-15, whose
+        # True for a model loaded from an svdlite file written by an earlier converter, whose
         # time_stack.out_layers.3 holds (1 - alpha) W already (`loading.blend_is_stored_folded`; set at load)
         self.blend_folded = False
 

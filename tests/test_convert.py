@@ -209,8 +209,8 @@ def test_fp16_conversion_loads_as_the_original_does(tmp_path):
 
 
 def test_file_with_the_blend_folded_in_still_loads(tmp_path):
-    """svdlite files written by the converters of stops 13-15 hold each VideoResBlock's time_stack.out_layers.3
-    scaled by (1 - alpha), with metadata unet_temporal_blend=folded. Made here from a new file as that converter
+    """svdlite files written by earlier converters hold each VideoResBlock's time_stack.out_layers.3 scaled by
+    (1 - alpha), with metadata unet_temporal_blend=folded. Made here from a new file as that converter
     did (float32 product, rounded once to fp16): it loads to the same output as the new file (1e-3 relative: the
     fold's fp16 rounding, 2^-11 per weight), a different one if the metadata is ignored, and converting it again keeps
     both the scaled tensors and the metadata (no second fold, no lost fold)."""
