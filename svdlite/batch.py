@@ -25,18 +25,14 @@ from tqdm.auto import tqdm
 from .components import SVDModel, load_model
 from .image import open_image
 from .outputs import exclusive, lock_path
-from .pipeline import check_before_loading, generate, noise_schedule, resolve_settings
-from .plan import speed_options
-from .seeds import random_seed
+from .pipeline import make_videos
+from .run import RUN_KEYS, Run, RunSpec
+from .seeds import item_seed, make_generators, random_seed
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 LIST_SUFFIXES = (".txt", ".lst")
 VIDEO_FORMATS = ("mp4", "webm", "gif")
 MANIFEST = "manifest.jsonl"
-SAMPLING_KEYS = ("num_frames", "num_inference_steps", "fps", "motion_bucket_id", "noise_aug_strength",
-                 "min_guidance_scale", "max_guidance_scale", "decode_chunk_size", "height", "width")
-PLAN_KEYS = ("schedule", "guidance_cut_step", "f3_ratio", "f3_statistic", "cache_interval", "cache_depth")
-OPTION_KEYS = SAMPLING_KEYS + PLAN_KEYS + ("f3_schedule", "speed")
 
 
 @dataclass(frozen=True)
@@ -103,12 +99,6 @@ def make_items(paths, outdir, video_format: str = "mp4") -> list[Item]:
     return items
 
 
-def item_seed(seed: int, name: str) -> int:
-    """The seed of the item named `name` (its output stem) in a run with seed `seed`: a 63-bit hash of both, so it
-    does not depend on the other items, their order or the number of processes."""
-    return int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8], "big") >> 1
-
-
 def shard(items: list, rank: int, world_size: int) -> list:
     """The items of process `rank` out of `world_size`: every world_size-th from rank on (each exactly once)."""
     if not 0 <= rank < world_size:
@@ -170,17 +160,12 @@ def merge_manifest(outdir: Path, items: list[Item], skipped: list[Item]) -> list
     return [records[k] for k in keys]
 
 
-def run_settings(model: SVDModel, options: dict, dtype: torch.dtype) -> dict:
-    """The settings every video of the run is made with (the preset's, overridden by `options`), checked once."""
-    o = speed_options(options.get("speed") or "exact", {k: options.get(k) for k in PLAN_KEYS}
-                      | {"num_inference_steps": options.get("num_inference_steps")})
-    sigmas, schedule = noise_schedule(o.get("num_inference_steps"), o.get("schedule"), None,
-                                      model.sampling.num_inference_steps)
-    s = resolve_settings(model, **{k: options.get(k) for k in SAMPLING_KEYS if k != "num_inference_steps"},
-                         num_inference_steps=len(sigmas) - 1)
-    plan = {k: v for k, v in o.items() if k not in ("num_inference_steps", "schedule")}
-    f3 = {"f3_schedule": str(options["f3_schedule"])} if options.get("f3_schedule") is not None else {}
-    return (dataclasses.asdict(s) | {"schedule": schedule, "speed": options.get("speed") or "exact"} | plan | f3
+def settings_record(run: Run, model: SVDModel, dtype: torch.dtype) -> dict:
+    """What every video of the run is made with, as the manifest records it: the settings (the preset's with the
+    given ones), the noise schedule, the speed level and the approximate options in force, the model and dtype."""
+    options = {k: v for k, v in run.spec.options().items() if k not in ("num_inference_steps", "schedule")}
+    f3 = {"f3_schedule": run.spec.record()["f3_schedule"]} if run.spec.f3_schedule is not None else {}
+    return (dataclasses.asdict(run.settings) | {"schedule": run.schedule_name, "speed": run.spec.speed} | options | f3
             | {"model": model.source, "dtype": str(dtype).removeprefix("torch.")})
 
 
@@ -205,7 +190,7 @@ def _init_group(dist: Dist, device: str):
 def run_batch(inputs, outdir, *, model="svd-xt", seed: int | None = None, batch_size: int = 1,
               overwrite: bool = False, video_format: str = "mp4", device: str = "auto", dtype="auto",
               progress: bool = True, token: str | None = None, dist: Dist | None = None, lock: bool = True,
-              **options) -> dict:
+              spec: RunSpec | None = None, **options) -> dict:
     """Turn every input image into a video in `outdir`; under torchrun each process does its share.
 
     Args:
@@ -220,6 +205,7 @@ def run_batch(inputs, outdir, *, model="svd-xt", seed: int | None = None, batch_
         dtype: the UNet's and CLIP's dtype, as `load_model` takes it ("auto": float16 on a GPU, float32 on the CPU).
         dist: the process's rank and world size; None reads torchrun's environment (`Dist.from_env`).
         lock: hold OUTDIR's lock (`outputs.lock_path`) on rank 0 for the run; False when the caller holds it.
+        spec: the settings and options of every video (`RunSpec`), or as keywords in `options`.
         options: `generate`'s sampling and acceleration options (num_frames, num_inference_steps, speed, ...).
     Returns:
         {"done", "failed", "skipped"} counts over all processes, "seconds" (from the start of generation to the end
@@ -228,9 +214,11 @@ def run_batch(inputs, outdir, *, model="svd-xt", seed: int | None = None, batch_
     Raises before any model loads: a missing input or listed image, inputs without images, a bad setting or option,
     an F3 schedule that does not fit, an output folder another run is writing into.
     """
-    unknown = set(options) - set(OPTION_KEYS)
+    unknown = set(options) - set(RUN_KEYS)
     if unknown:
-        raise TypeError(f"run_batch got unknown options {sorted(unknown)}; expected some of {OPTION_KEYS}")
+        raise TypeError(f"run_batch got unknown options {sorted(unknown)}; expected some of {RUN_KEYS}")
+    if spec is not None and options:
+        raise ValueError("pass the settings and options either in spec or as keywords, not both")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64):
         raise ValueError(f"seed must be an int in [0, 2**64) or None, got {seed!r}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -239,8 +227,8 @@ def run_batch(inputs, outdir, *, model="svd-xt", seed: int | None = None, batch_
     outdir = Path(outdir)
     # everything that can be checked without the model, before it loads: inputs, settings, options, F3 schedule
     items = make_items(discover_inputs(inputs), outdir, video_format)
-    f3 = check_before_loading(model, **{k: v for k, v in options.items() if k not in ("decode_chunk_size",)})
-    options = options | ({"f3_schedule": f3} if f3 is not None else {})
+    spec = spec or RunSpec.from_options(**options)  # settings and options checked once, before the first item
+    spec.check_fit(model)
     if outdir.exists() and not outdir.is_dir():
         raise NotADirectoryError(f"output {outdir} is a file; expected a folder (made if missing)")
     if not outdir.parent.is_dir():
@@ -251,17 +239,18 @@ def run_batch(inputs, outdir, *, model="svd-xt", seed: int | None = None, batch_
         outdir.mkdir(exist_ok=True)
         return _run_all(items, outdir, model=model, seed=seed, batch_size=batch_size, overwrite=overwrite,
                         device=pick_device(device, dist), dtype=dtype, progress=progress, token=token, dist=dist,
-                        options=options)
+                        spec=spec)
 
 
 def _run_all(items: list[Item], outdir: Path, *, model, seed, batch_size, overwrite, device, dtype, progress, token,
-             dist: Dist, options: dict) -> dict:
+             dist: Dist, spec: RunSpec) -> dict:
     group, own_group = _init_group(dist, device)
     try:
         if not isinstance(model, SVDModel):
             model = load_model(model, device=device, dtype=dtype, token=token, progress=progress)
         dtype = next(model.unet.parameters()).dtype
-        settings = run_settings(model, options, dtype)
+        run = spec.resolve(model)  # the model-aware checks, once for the whole run
+        settings = settings_record(run, model, dtype)
         # rank 0 decides what is left to do, the run's seed and its name: every process deals the same list, even if
         # a folder changed between the processes' listings
         shared = [[(i.index, str(i.input), str(i.output)) for i in items if overwrite or not i.output.exists()],
@@ -277,8 +266,8 @@ def _run_all(items: list[Item], outdir: Path, *, model, seed, batch_size, overwr
         records: list[dict] = []
         try:
             _run_share(mine, model, outdir / f".manifest.rank{dist.rank}.jsonl", records, seed=seed,
-                       batch_size=batch_size, settings=settings, run_id=run_id, overwrite=overwrite,
-                       device=device, dtype=dtype, dist=dist, progress=progress, options=options)
+                       batch_size=batch_size, settings=settings, run_id=run_id, overwrite=overwrite, dist=dist,
+                       progress=progress, run=run)
         except BaseException as err:
             if isinstance(err, Exception):
                 raise
@@ -319,10 +308,9 @@ def run_seed(outdir: Path, seed: int | None) -> tuple[int, str]:
 
 
 def _run_share(mine: list[Item], model: SVDModel, part: Path, records: list[dict], *, seed, batch_size, settings,
-               run_id, overwrite, device, dtype, dist: Dist, progress: bool, options: dict) -> None:
+               run_id, overwrite, dist: Dist, progress: bool, run: Run) -> None:
     """Generate this process's items `batch_size` at a time, appending one manifest record per item to `part` and
     to `records`."""
-    kwargs = {k: v for k, v in options.items() if v is not None}
     bar = tqdm(total=len(mine), desc=f"rank {dist.rank}/{dist.world_size}" if dist.world_size > 1 else "videos",
                disable=not progress, unit="video")
     with open(part, "a") as log, bar:
@@ -340,10 +328,10 @@ def _run_share(mine: list[Item], model: SVDModel, part: Path, records: list[dict
                 print(f"svdlite: {item.input}: failed: {error}", file=sys.stderr)
             bar.update(1)
 
-        def run(chunk, images):
+        def make(chunk, images):
             t0 = time.perf_counter()
-            videos = generate(images, model=model, seed=[item_seed(seed, i.output.stem) for i in chunk],
-                              batch_size=len(chunk), device=device, dtype=dtype, progress=False, **kwargs)
+            seeds, generators = make_generators(len(chunk), [item_seed(seed, i.output.stem) for i in chunk], None, True)
+            videos = make_videos(model, images, run, seeds, generators, [None] * len(chunk), batch_size=len(chunk))
             each = (time.perf_counter() - t0) / len(chunk)
             for item, video in zip(chunk, videos):
                 t1 = time.perf_counter()
@@ -366,14 +354,14 @@ def _run_share(mine: list[Item], model: SVDModel, part: Path, records: list[dict
             if not chunk:
                 continue
             try:
-                run(chunk, images)
+                make(chunk, images)
             except Exception as err:  # noqa: BLE001
                 if len(chunk) == 1:
                     record(chunk[0], "failed", 0.0, _describe(err))
                     continue
                 for item, image in zip(chunk, images):  # find the failing item: one at a time
                     try:
-                        run([item], [image])
+                        make([item], [image])
                     except Exception as err:  # noqa: BLE001
                         record(item, "failed", 0.0, _describe(err))
 

@@ -2,98 +2,20 @@
 torchrun: `torchrun --nproc-per-node N -m svdlite batch ...`), `svdlite calibrate IMAGES -o S.json` and
 `svdlite info CHECKPOINT`.
 
-Every subcommand runs through `run_cleanly`: an error is one line `svdlite: error: ...` on stderr (the
-traceback only with --debug) and an exit code; Ctrl-C and SIGTERM stop cleanly, leaving no partial file.
-Exit codes (README "Errors and exit codes"):
-  0    done
-  1    the run failed while working (non-finite values, out of memory, a download or write that failed), or
-       (batch) an item failed
-  2    refused before any work: bad option, image, checkpoint, setting or output path
-  130  interrupted (Ctrl-C)
-  143  terminated (SIGTERM)
+Every subcommand runs through `errors.run_cleanly`: an error is one line `svdlite: error: ...` on stderr (the
+traceback only with --debug) and an exit code (errors.py lists them); Ctrl-C and SIGTERM stop cleanly, leaving no
+partial file.
 """
 import argparse
-import contextlib
-from contextlib import nullcontext
 import os
-import signal
 import sys
-import threading
+from contextlib import nullcontext
 from pathlib import Path
 
-from . import __version__
+from .errors import run_cleanly
+from .version import __version__
 
 DTYPES = ("auto", "fp32", "fp16", "bf16")
-EXIT_FAILED, EXIT_REFUSED, EXIT_INTERRUPTED, EXIT_TERMINATED = 1, 2, 130, 143
-# errors that mean "this input cannot work", raised by the checks before the model runs
-REFUSED = (ValueError, TypeError, FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError,
-           PermissionError)
-
-
-class Terminated(BaseException):
-    """SIGTERM, raised like KeyboardInterrupt so that `finally` blocks remove temporary files."""
-
-
-# how long a SIGTERM that arrived inside a finalizer waits before it is sent again
-FINALIZER_RETRY_SECONDS = 0.01
-
-
-def _raise_terminated(signum, frame):
-    # Python prints and drops an exception raised inside a finalizer (`__del__`, which the garbage collector runs
-    # wherever it happens to collect): there, send the signal again shortly, to arrive once the finalizer returned
-    while frame is not None:
-        if frame.f_code.co_name == "__del__":
-            threading.Timer(FINALIZER_RETRY_SECONDS, os.kill, (os.getpid(), signum)).start()
-            return
-        frame = frame.f_back
-    raise Terminated()
-
-
-@contextlib.contextmanager
-def sigterm_raises():
-    """Within the block, SIGTERM raises `Terminated` instead of killing the process outright.
-
-    Only the main thread can handle signals: elsewhere (svdlite run from a thread) SIGTERM keeps its handler."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.signal(signal.SIGTERM, _raise_terminated)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-def error_line(err: BaseException) -> str:
-    """One line: the message, with the exception type when the message alone would not say what happened."""
-    text = " ".join(str(err).split())
-    if text and isinstance(err, (*REFUSED, FloatingPointError, RuntimeError)):
-        return text
-    return f"{type(err).__name__}: {text}" if text else type(err).__name__
-
-
-def run_cleanly(command, args) -> int:
-    """Run `command(args)` (a subcommand) and turn what it raises into one stderr line and an exit code."""
-    debug = getattr(args, "debug", False)
-    try:
-        with sigterm_raises():
-            return command(args)
-    except KeyboardInterrupt as err:  # a command that wrote something says what in the exception's message
-        print(f"\nsvdlite: interrupted; {str(err) or 'nothing was written'}", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    except Terminated as err:
-        print(f"svdlite: terminated; {str(err) or 'nothing was written'}", file=sys.stderr)
-        return EXIT_TERMINATED
-    except REFUSED as err:
-        if debug:
-            raise
-        print(f"svdlite: error: {error_line(err)}", file=sys.stderr)
-        return EXIT_REFUSED
-    except Exception as err:  # noqa: BLE001 - any failure is one line unless --debug
-        if debug:
-            raise
-        print(f"svdlite: error: {error_line(err)} (run with --debug for the traceback)", file=sys.stderr)
-        return EXIT_FAILED
 
 
 def add_subcommand(sub, name: str, command, **kwargs) -> argparse.ArgumentParser:
@@ -228,8 +150,6 @@ def _sampling_options(p: argparse.ArgumentParser, seed_help: str = "default: a r
                    help="no progress bars (they are shown only when stderr is a terminal)")
 
 
-SAMPLING_KEYS = ("num_frames", "num_inference_steps", "fps", "motion_bucket_id", "noise_aug_strength",
-                 "min_guidance_scale", "max_guidance_scale", "height", "width")
 TORCH_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 
@@ -270,15 +190,18 @@ def _load(args, device: str | None = None, announce: bool = True):
     return load_model(args.model, device=device, dtype=dtype, progress=_progress(args))
 
 
-def _plan_kwargs(args) -> dict:
-    """The approximate options as `generate` and `check_before_loading` take them."""
-    return {"speed": args.speed, "schedule": args.schedule, "guidance_cut_step": args.guidance_cut_step,
-            "f3_ratio": args.f3_ratio, "f3_statistic": args.f3_statistic, "cache_interval": args.cache_interval,
-            "cache_depth": args.cache_depth}
+def _spec(args):
+    """The run's settings and options from the command line, checked once before any model loads (with a preset,
+    its size multiple too; an F3 schedule read and fitted to the run's step and frame count)."""
+    from .checks import check_settings
+    from .run import RUN_KEYS, SETTING_KEYS, RunSpec
 
-
-def _settings(args, keys=SAMPLING_KEYS) -> dict:
-    return {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
+    given = {k: getattr(args, k, None) for k in RUN_KEYS}
+    check_settings(**{k: given[k] for k in SETTING_KEYS if given[k] is not None}, seed=args.seed,
+                   size_multiple=_size_multiple(args))
+    spec = RunSpec.from_options(**given)
+    spec.check_fit(args.model)
+    return spec
 
 
 def _size_multiple(args) -> int | None:
@@ -289,13 +212,11 @@ def _size_multiple(args) -> int | None:
 
 def _calibrate(args) -> int:
     from .calibrate import calibrate_f3
-    from .checks import check_settings
     from .image import open_image
     from .outputs import exclusive, lock_path
     from .seeds import random_seed
 
-    options = _settings(args)
-    check_settings(**options, seed=args.seed, size_multiple=_size_multiple(args))
+    spec = _spec(args)
     if args.output.exists() and not args.force:
         raise FileExistsError(f"{args.output} exists; pass --force to overwrite it")
     if not args.output.parent.is_dir():
@@ -304,8 +225,7 @@ def _calibrate(args) -> int:
     _run_checks(args)
     with exclusive(lock_path(args.output), f"output {args.output}"):
         seed = _announce_seed(args.seed, random_seed)
-        schedule = calibrate_f3(images, model=_load(args), seed=seed, schedule=args.schedule,
-                                progress=_progress(args), **options)
+        schedule = calibrate_f3(images, model=_load(args), seed=seed, spec=spec, progress=_progress(args))
         schedule.save(args.output, overwrite=args.force)
     print(f"wrote {args.output} ({len(schedule.units)} temporal blocks x {schedule.num_steps} steps = "
           f"{schedule.num_units} units, {len(args.images)} image(s), seed {seed})")
@@ -337,17 +257,13 @@ def _model_line(model: str) -> str:
 
 
 def _generate(args) -> int:
-    from .checks import check_settings
     from .image import open_image
     from .outputs import exclusive, lock_path
-    from .pipeline import check_before_loading, generate
+    from .pipeline import generate
     from .seeds import random_seed
     from .video import check_output
 
-    settings = _settings(args, SAMPLING_KEYS + ("decode_chunk_size",))
-    check_settings(**settings, size_multiple=_size_multiple(args))
-    f3_schedule = check_before_loading(args.model, f3_schedule=args.f3_schedule, seed=args.seed, **_plan_kwargs(args),
-                                       **settings)
+    spec = _spec(args)
     output = check_output(args.output, overwrite=args.force)
     if output.resolve() == args.image.resolve():
         raise ValueError(f"output {output} is the input image; choose another output file")
@@ -355,8 +271,7 @@ def _generate(args) -> int:
     _run_checks(args)
     with exclusive(lock_path(output), f"output {output}"):
         seed = _announce_seed(args.seed, random_seed)
-        video = generate(image, model=_load(args), progress=_progress(args), f3_schedule=f3_schedule, seed=seed,
-                         **_plan_kwargs(args), **settings)
+        video = generate(image, model=_load(args), spec=spec, seed=seed, progress=_progress(args))
         video.save(output, overwrite=args.force)
     print(f"wrote {output} ({len(video)} frames, {video.width}x{video.height} (width x height), {video.fps:g} fps, "
           f"seed {seed})")
@@ -364,15 +279,11 @@ def _generate(args) -> int:
 
 
 def _batch(args) -> int:
-    from .batch import OPTION_KEYS, Dist, discover_inputs, pick_device, run_batch
-    from .checks import check_settings
+    from .batch import Dist, discover_inputs, pick_device, run_batch
     from .outputs import exclusive, lock_path
-    from .pipeline import check_before_loading
 
-    options = {k: getattr(args, k) for k in OPTION_KEYS if getattr(args, k) is not None}
-    check_settings(**_settings(args), size_multiple=_size_multiple(args))
+    spec = _spec(args)
     discover_inputs(args.inputs)  # before the loading line: missing inputs, empty folders and lists are refused
-    check_before_loading(args.model, seed=args.seed, **{k: v for k, v in options.items() if k != "decode_chunk_size"})
     _run_checks(args)
     if args.processes < 1:
         raise ValueError(f"--processes must be a positive int, got {args.processes}")
@@ -388,7 +299,7 @@ def _batch(args) -> int:
         model = _load(args, device=pick_device(args.device, dist), announce=dist.rank == 0)
         summary = run_batch(args.inputs, args.output, model=model, seed=args.seed, batch_size=args.batch_size,
                             overwrite=args.overwrite, video_format=args.format, device=pick_device(args.device, dist),
-                            dist=dist, progress=_progress(args), lock=False, **options)
+                            dist=dist, progress=_progress(args), lock=False, spec=spec)
     if summary["rank"] == 0:
         minutes = summary["seconds"] / 60
         rate = f", {summary['done'] / minutes:.2f} videos/min" if summary["done"] and minutes > 0 else ""

@@ -1,15 +1,19 @@
-"""SVD conditioning inputs: micro-conditioning vector, noise-augmented condition image, frame repeat, CFG batch.
+"""Image to condition: the CLIP embedding and VAE latent of the images, the micro-conditioning vector, the
+noise-augmented condition image, the frame repeat, the CFG batch, and the initial noise (`condition`).
 
 Reproduces what sgm's conditioner (`sgm/modules/encoders/modules.py`: `ConcatTimestepEmbedderND` for fps_id,
 motion_bucket_id and cond_aug) and `scripts/sampling/simple_video_sample.py` (`get_batch`,
 `force_uc_zero_embeddings`) feed the denoiser (docs/model.md "Conditioning"). The networks themselves (CLIP, VAE
-encoder) live elsewhere: this module only arranges their outputs.
+encoder) live elsewhere: this module runs them on the images and arranges their outputs.
 """
 from typing import NamedTuple
 
 import torch
 from einops import repeat
 
+from . import checks
+from .clip import encode_image
+from .image import load_image
 from .layers import timestep_embedding
 
 MICRO_COND_DIM = 256  # per scalar; three scalars give the UNet's 768-d `y` (adm_in_channels)
@@ -93,3 +97,25 @@ def cfg_batch(image_embeds: torch.Tensor, cond_latent: torch.Tensor, vector: tor
     return CFGBatch(context=torch.cat([torch.zeros_like(context), context]),
                     concat=torch.cat([torch.zeros_like(concat), concat]),
                     vector=torch.cat([vector, vector]))
+
+
+def condition(model, images: list, s, generators: list, noises: list, device: torch.device
+              ) -> tuple[CFGBatch, torch.Tensor]:
+    """(the [uncond; cond] conditioning of b videos, their initial noise ((b t), 4, h/8, w/8) float32).
+
+    Each video's generator is drawn in the one-video order of diffusers and sgm: the condition image's noise
+    augmentation, then the initial latents (unless `noises` gives them). `s` is the run's `SamplingConfig`."""
+    pixels = torch.cat([load_image(im, s.height, s.width) for im in images]).to(device)
+    image_embeds = encode_image(model.image_encoder, pixels).float()  # preprocesses (224 resize, CLIP norm)
+    cond_pixels = torch.cat([augment_condition_image(p[None], s.noise_aug_strength, g)
+                             for p, g in zip(pixels, generators)])
+    cond_latent = model.vae_encoder(cond_pixels).float()
+    checks.check_finite(torch.cat([image_embeds.flatten(), cond_latent.flatten()]), "the CLIP embedding and VAE "
+                        "latent of the image", "the image encoder or VAE encoder weights hold NaN/inf (corrupt file?)")
+    latent_shape = (s.num_frames, cond_latent.shape[1], *cond_latent.shape[-2:])
+    noises = [torch.randn(latent_shape, generator=g, device=g.device) if noise is None
+              else checks.check_latents(noise, latent_shape) for noise, g in zip(noises, generators)]
+    latents = torch.cat([noise.to(device, torch.float32) for noise in noises])  # ((b t), 4, h/8, w/8)
+    vector = micro_conditioning(fps_id_from_fps(s.fps), s.motion_bucket_id, s.noise_aug_strength, len(images),
+                                device=device)
+    return cfg_batch(image_embeds, cond_latent, vector, s.num_frames), latents

@@ -19,12 +19,13 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from . import __version__, clip_keymap, vae_keymap
+from . import clip_keymap, vae_keymap
 from .components import COMPONENTS, SVDLITE_PREFIXES, ModelSource, build_component, component_plan
 from .loading import (ALIGNMENT, BLEND_FOLDED, BLEND_METADATA_KEY, SAFETENSORS_DTYPES, SVDLITE_FORMAT, CheckpointError,
                       TensorSource, blend_is_stored_folded, load_planned, state_shapes)
 from .presets import PRESETS
 from .unet_keymap import NEVER_READ_SUFFIXES, ORIGINAL_PREFIX
+from .version import __version__
 
 FORMAT_VERSION = "1"
 

@@ -11,14 +11,14 @@ import pytest
 import torch
 from PIL import Image
 
-from svdlite import cli
+from svdlite import cli, errors
 from svdlite.batch import MANIFEST, item_seed, run_batch
 from svdlite.calibrate import calibrate_f3
 from svdlite.components import load_model
 from svdlite.f3 import F3Schedule
 from svdlite.image import open_image
 from svdlite.outputs import exclusive, lock_path
-from svdlite.pipeline import generate
+from svdlite.pipeline import generate, make_videos
 from svdlite.plan import DEFAULT_CACHE_DEPTH, SPEED_LEVELS
 
 SMALL = ["--model", "tiny", "--num-frames", "3", "--steps", "2", "--height", "64", "--width", "64", "--quiet"]
@@ -57,7 +57,7 @@ def schedule_for(tmp_path, tiny, steps: int, frames: int = 3):
 
 
 def refused(capsys, argv) -> str:
-    assert cli.main(argv) == cli.EXIT_REFUSED
+    assert cli.main(argv) == errors.EXIT_REFUSED
     return capsys.readouterr().err
 
 
@@ -165,17 +165,17 @@ def test_ctrl_c_in_batch_says_what_was_written(tmp_path, tiny, capsys, monkeypat
         calls.append(1)
         if len(calls) == 3:
             raise KeyboardInterrupt
-        return generate(*args, **kwargs)
+        return make_videos(*args, **kwargs)
 
-    monkeypatch.setattr("svdlite.batch.generate", interrupting)
+    monkeypatch.setattr("svdlite.batch.make_videos", interrupting)
     monkeypatch.setattr(cli, "_load", lambda args, device=None, announce=True: tiny)
     code = cli.main(["batch", str(folder), "-o", str(tmp_path / "videos"), *SMALL, "--seed", "3"])
     err = capsys.readouterr().err
-    assert code == cli.EXIT_INTERRUPTED
+    assert code == errors.EXIT_INTERRUPTED
     assert "interrupted; 2 of the 5 video(s) of this process were written to" in err
     assert "run the same command again to make the rest" in err
     assert sorted(p.name for p in (tmp_path / "videos").glob("*.mp4")) == ["0.mp4", "1.mp4"]
-    monkeypatch.setattr("svdlite.batch.generate", generate)
+    monkeypatch.setattr("svdlite.batch.make_videos", make_videos)
     assert cli.main(["batch", str(folder), "-o", str(tmp_path / "videos"), *SMALL, "--seed", "3"]) == 0
     assert "3 done, 0 failed, 2 skipped" in capsys.readouterr().out
 

@@ -15,7 +15,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import svdlite
-from svdlite import cli
+from svdlite import cli, errors
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = Path(svdlite.__file__).parent / "assets" / "example.png"
@@ -153,7 +153,7 @@ def test_row(row, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr("svdlite.pipeline.make_denoiser", lambda *a, **k: pytest.fail("sampling started"))
     code = cli.main(argv)
     err = capsys.readouterr().err
-    assert code == cli.EXIT_REFUSED, err
+    assert code == errors.EXIT_REFUSED, err
     assert message in err and err.startswith("svdlite: error: ") and err.count("\n") == 1, err
     assert not (tmp_path / "out.mp4").exists()
 

@@ -14,7 +14,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import svdlite
-from svdlite import cli
+from svdlite import cli, errors
 from svdlite.components import load_model
 from svdlite.pipeline import generate
 from svdlite.presets import PRESETS
@@ -85,7 +85,7 @@ def test_sigterm_during_sampling_exits_cleanly_and_writes_nothing(tmp_path):
         _, err = proc.communicate(timeout=60)
     finally:
         proc.kill()
-    assert proc.returncode == cli.EXIT_TERMINATED, err
+    assert proc.returncode == errors.EXIT_TERMINATED, err
     assert "terminated; nothing was written" in err and "Traceback" not in err
     assert list(tmp_path.iterdir()) == []
 
@@ -95,19 +95,19 @@ def test_sigterm_inside_a_finalizer_is_sent_again_after_it(monkeypatch):
     (seen: regex's Group.__del__ during sampling, the run then went on and wrote its file); the handler sends it
     again instead, and raises Terminated anywhere else."""
     sent = []
-    monkeypatch.setattr(cli.os, "kill", lambda pid, signum: sent.append((pid, signum)))
+    monkeypatch.setattr(errors.os, "kill", lambda pid, signum: sent.append((pid, signum)))
 
     class Finalized:
         def __del__(self):
-            cli._raise_terminated(signal.SIGTERM, sys._getframe())
+            errors._raise_terminated(signal.SIGTERM, sys._getframe())
 
     Finalized()  # its __del__ runs here, and must not raise
     deadline = time.monotonic() + 10
     while not sent and time.monotonic() < deadline:
         time.sleep(0.01)
     assert sent == [(os.getpid(), signal.SIGTERM)]
-    with pytest.raises(cli.Terminated):
-        cli._raise_terminated(signal.SIGTERM, sys._getframe())
+    with pytest.raises(errors.Terminated):
+        errors._raise_terminated(signal.SIGTERM, sys._getframe())
 
 
 def test_sigterm_while_writing_leaves_no_partial_file(tmp_path, monkeypatch, capsys):
@@ -123,8 +123,8 @@ def test_sigterm_while_writing_leaves_no_partial_file(tmp_path, monkeypatch, cap
 
     monkeypatch.setattr(av.VideoFrame, "from_ndarray", from_ndarray)
     (tmp_path / "keep.mp4").write_bytes(b"precious")
-    code = cli.run_cleanly(lambda args: Video(frames, fps=7).save(tmp_path / "keep.mp4", overwrite=True), None)
-    assert code == cli.EXIT_TERMINATED and len(calls) == 3
+    code = errors.run_cleanly(lambda args: Video(frames, fps=7).save(tmp_path / "keep.mp4", overwrite=True), None)
+    assert code == errors.EXIT_TERMINATED and len(calls) == 3
     assert [p.name for p in tmp_path.iterdir()] == ["keep.mp4"] and (tmp_path / "keep.mp4").read_bytes() == b"precious"
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is only installed while running
 
@@ -133,7 +133,7 @@ def test_ctrl_c_is_one_line(capsys):
     def interrupted(args):
         raise KeyboardInterrupt
 
-    assert cli.run_cleanly(interrupted, None) == cli.EXIT_INTERRUPTED
+    assert errors.run_cleanly(interrupted, None) == errors.EXIT_INTERRUPTED
     assert capsys.readouterr().err.strip() == "svdlite: interrupted; nothing was written"
 
 
@@ -141,7 +141,7 @@ def test_unexpected_failure_is_one_line_with_exit_code_1(capsys):
     def broken(args):
         raise KeyError("boom")
 
-    assert cli.run_cleanly(broken, None) == cli.EXIT_FAILED
+    assert errors.run_cleanly(broken, None) == errors.EXIT_FAILED
     assert capsys.readouterr().err == "svdlite: error: KeyError: 'boom' (run with --debug for the traceback)\n"
 
 
@@ -160,7 +160,7 @@ def test_nan_weights_stop_with_where_and_what_to_do(tmp_path, capsys):
     code = cli.main(["generate", str(EXAMPLE), "-o", str(out), "--model", str(path), "--seed", "0", "--no-progress",
                      "--num-frames", "2", "--steps", "1"])
     err = capsys.readouterr().err
-    assert code == cli.EXIT_FAILED and "the latents after sampling hold" in err and "--dtype fp32" in err
+    assert code == errors.EXIT_FAILED and "the latents after sampling hold" in err and "--dtype fp32" in err
     assert not out.exists()
 
 
@@ -223,7 +223,7 @@ def test_diffusers_shaped_latents(tiny):
 ])
 def test_settings_refused_before_sampling(kwargs, message, monkeypatch):
     monkeypatch.setattr("svdlite.pipeline.make_denoiser", lambda *a, **k: pytest.fail("sampling started"))
-    monkeypatch.setattr("svdlite.pipeline.encode_image", lambda *a, **k: pytest.fail("the image was encoded"))
+    monkeypatch.setattr("svdlite.conditioning.encode_image", lambda *a, **k: pytest.fail("the image was encoded"))
     with pytest.raises(ValueError, match=message):
         generate(EXAMPLE, model="tiny", progress=False, **kwargs)
 
@@ -241,7 +241,7 @@ def test_unwritable_output_folder_is_refused_before_the_model_loads(tmp_path, mo
     monkeypatch.setattr(os, "access", lambda path, mode: False if Path(path) == tmp_path else real_access(path, mode))
     monkeypatch.setattr("svdlite.components.load_component", lambda *a, **k: pytest.fail("model loaded"))
     code = cli.main(["generate", str(EXAMPLE), "-o", str(tmp_path / "x.mp4"), "--model", "tiny"])
-    assert code == cli.EXIT_REFUSED and f"folder {tmp_path} is not writable" in capsys.readouterr().err
+    assert code == errors.EXIT_REFUSED and f"folder {tmp_path} is not writable" in capsys.readouterr().err
 
 
 def test_diffusers_folder_with_pickle_weights_says_so(tmp_path):
@@ -272,7 +272,7 @@ def test_sigterm_during_conversion_leaves_no_partial_file(tmp_path, monkeypatch,
 
     monkeypatch.setattr(svdlite.convert, "save_aligned", save_then_sigterm)
     out = tmp_path / "out" / "converted.safetensors"
-    assert convert_weights.main([str(src), str(out)]) == cli.EXIT_TERMINATED
+    assert convert_weights.main([str(src), str(out)]) == errors.EXIT_TERMINATED
     assert "terminated; nothing was written" in capsys.readouterr().err
     assert list((tmp_path / "out").iterdir()) == []
 
@@ -282,7 +282,7 @@ def test_seed_and_model_lines_are_printed(tmp_path, capsys):
     path that does not exist is refused before either."""
     code = cli.main(["generate", str(EXAMPLE), "-o", str(tmp_path / "x.mp4"), "--model", str(tmp_path / "m.bin")])
     out = capsys.readouterr()
-    assert code == cli.EXIT_REFUSED and "no such file or folder" in out.err and out.out == ""
+    assert code == errors.EXIT_REFUSED and "no such file or folder" in out.err and out.out == ""
     code = cli.main(["generate", str(EXAMPLE), "-o", str(tmp_path / "x.mp4"), "--model", "tiny", "--num-frames", "2",
                      "--steps", "1", "--height", "64", "--width", "64", "--device", "cpu", "--quiet"])
     out = capsys.readouterr()
@@ -300,7 +300,7 @@ def test_clean_errors_from_a_thread_too(capsys):
     worker = threading.Thread(target=lambda: codes.append(cli.main(["info", "/nonexistent/svd.safetensors"])))
     worker.start()
     worker.join()
-    assert codes == [cli.EXIT_REFUSED] and "no such file" in capsys.readouterr().err
+    assert codes == [errors.EXIT_REFUSED] and "no such file" in capsys.readouterr().err
 
 
 def test_info_says_whether_a_file_is_complete(tmp_path):

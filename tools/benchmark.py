@@ -20,7 +20,7 @@ Parts (`--parts`, default unet):
 One CFG-doubled UNet evaluation (batch 2*frames, as every guided sampling step runs it), three ways:
   diffusers   `UNetSpatioTemporalConditionModel.forward` (diffusers as installed, AttnProcessor2_0 / SDPA);
   svdlite     `VideoUNet` as loaded by `load_unet` (cross-attention folded, VCUT), with the context vectors
-              computed once outside the timed call, as `svdlite.pipeline.make_denoiser` does;
+              computed once outside the timed call, as `svdlite.denoiser.make_denoiser` does;
   unfolded    `VideoUNet(fold_cross_attention=False)`, the original cross-attention at every call (ablation).
 The diffusers model gets random weights (`svdlite.testing.random_tensors` over its state-dict shapes, seeded), is
 saved in diffusers layout (config.json + diffusion_pytorch_model.safetensors) to a temporary folder, and svdlite

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from svdlite.cli import run_cleanly
+from svdlite.errors import run_cleanly
 from svdlite.components import open_model_source
 from svdlite.convert import convert
 from svdlite.presets import PRESETS
@@ -35,7 +35,7 @@ def convert_command(args) -> int:
 
 
 def main(argv=None) -> int:
-    """Exit codes as the `svdlite` command's (`cli.run_cleanly`): 0 done, 1 failed while converting, 2 refused
+    """Exit codes as the `svdlite` command's (`svdlite.errors.run_cleanly`): 0 done, 1 failed while converting, 2 refused
     (bad source checkpoint, existing OUT without --force), 130 Ctrl-C, 143 SIGTERM; the temporary file is removed."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 epilog="exit codes: 0 done, 1 failed while converting, 2 refused (bad source, "

@@ -27,7 +27,7 @@ Every approximate row is an svdlite.plan.Plan built as generate builds it; its w
 the per-module MACs of one exact forward (what a step runs is a set of modules).
 Per video = the UNet evaluations only (steps with classifier-free guidance run one call on the doubled batch of
 2*frames; after a guidance cut, one call on `frames`), plus the folded context vectors computed once per video as
-`svdlite.pipeline.make_denoiser` does. The VAE encoder (+ quant_conv, one image), the temporal VAE decoder (all
+`svdlite.denoiser.make_denoiser` does. The VAE encoder (+ quant_conv, one image), the temporal VAE decoder (all
 frames; decoding in chunks costs the same MACs) and the CLIP image encoder (one image at 224) are separate rows.
 """
 import argparse
@@ -43,7 +43,7 @@ from torch.utils.flop_counter import FlopCounterMode, flop_registry
 
 from svdlite.clip import CLIPVisionConfig, build_image_encoder
 from svdlite.f3 import F3Schedule
-from svdlite.pipeline import noise_schedule
+from svdlite.run import noise_schedule
 from svdlite.plan import SPEED_LEVELS, build_plan
 from svdlite.presets import PRESETS
 from svdlite.unet import UNetConfig, VideoUNet

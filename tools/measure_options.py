@@ -108,17 +108,11 @@ def frame_metrics(frames: torch.Tensor, exact: torch.Tensor) -> dict:
 
 
 def plan_summary(model: SVDModel, options: dict, settings: dict) -> dict:
-    """The variant's plan, as generate builds it: guided / conditional calls, skipped units, reusing steps."""
-    from svdlite.pipeline import make_plan, noise_schedule, resolve_settings
+    """The variant's plan, as generate builds it (its `RunSpec`, resolved): guided / conditional calls, skipped
+    units, reusing steps."""
+    from svdlite.run import RunSpec
 
-    options = speed_options(options.get("speed", "exact"), {k: v for k, v in options.items() if k != "speed"})
-    sigmas, name = noise_schedule(options.get("num_inference_steps"), options.get("schedule", "edm"), None,
-                                  settings["num_inference_steps"])
-    s = resolve_settings(model, **{k: v for k, v in settings.items() if k != "num_inference_steps"},
-                         num_inference_steps=len(sigmas) - 1)
-    plan_options = {k: options[k] for k in ("guidance_cut_step", "f3_schedule", "f3_ratio", "f3_statistic",
-                                            "cache_interval", "cache_depth") if k in options}
-    plan = make_plan(model, s, sigmas, schedule_name=name, **plan_options)
+    plan = RunSpec.from_options(**run_kwargs(settings, options)).resolve(model).plan
     guided = sum(st.guided for st in plan.steps)
     return {"steps": plan.num_steps, "guided_evals": guided, "conditional_evals": plan.num_steps - guided,
             "skipped_temporal_units": sum(len(st.skip_temporal) for st in plan.steps),
@@ -129,7 +123,7 @@ def run_kwargs(kwargs: dict, options: dict) -> dict:
     """generate()'s arguments for one variant: the run's settings and the variant's options, except that a speed
     level's own step count (`fast`: 10) replaces the run's, as it does for a user who names only the level (the
     run's count is an explicit argument and would otherwise win, measuring e.g. AYS at 25 steps as `fast`). The
-    step count is resolved by `speed_options`, as `plan_summary` resolves it for the variant's row."""
+    step count is resolved by `speed_options`, as the variant's `RunSpec` resolves it."""
     resolved = speed_options(options.get("speed", "exact"), {k: v for k, v in options.items() if k != "speed"})
     if "num_inference_steps" in resolved:
         kwargs = {k: v for k, v in kwargs.items() if k != "num_inference_steps"}
