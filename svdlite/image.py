@@ -99,16 +99,19 @@ def _gray_to_uint8(img, name: str) -> np.ndarray:
 
 
 def resize_cover(img, height: int, width: int):
-    """Scale to cover height x width (aspect kept, Lanczos) and centre-crop, as sgm's gradio demo.
+    """Scale to cover width x height (aspect kept, Lanczos) and centre-crop, the way sgm's gradio demo does.
 
-    Only the kept region is resampled (PIL's `box`), so an extreme aspect ratio never makes a huge copy."""
+    The scaled size is rounded to the nearest pixel and the crop starts at floor(overhang / 2); sgm's demo truncates
+    the size and lets PIL round its crop box, so for some sizes (1000x700 to 1024x576, say) the two are a pixel
+    apart. Above 4x the output's pixels only the kept region is resampled (PIL's `box`, the same as
+    `ImageOps.fit`), so an extreme aspect ratio never makes a huge copy."""
     from PIL import Image
 
     if img.size == (width, height):
         return img
     scale = max(width / img.width, height / img.height)
     size = (max(width, round(img.width * scale)), max(height, round(img.height * scale)))
-    if size[0] * size[1] <= 4 * width * height:  # the plain resize-then-crop, whose pixels sgm's demo gives
+    if size[0] * size[1] <= 4 * width * height:  # the plain resize-then-crop
         left, top = (size[0] - width) // 2, (size[1] - height) // 2
         return img.resize(size, Image.LANCZOS).crop((left, top, left + width, top + height))
     box_w, box_h = width / scale, height / scale
