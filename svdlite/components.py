@@ -125,8 +125,9 @@ def open_model_source(path, preset: str | None = None, *, require_all: bool = Tr
     decoder_keys = [k for k in keys if k.startswith(vae_keymap.DECODER_PREFIX)]
     # *_image_decoder variants: a decoder without temporal layers, decoded frame by frame (vae.FrameDecoder)
     frame_decoder = bool(decoder_keys) and not any(".time_stack." in k or "time_mix_conv" in k for k in decoder_keys)
-    for what, prefix in () if not require_all else (("VAE decoder", vae_keymap.DECODER_PREFIX), ("VAE encoder", vae_keymap.ENCODER_PREFIX),
-                         ("CLIP image encoder", clip_keymap.ORIGINAL_PREFIX)):
+    needed = (("VAE decoder", vae_keymap.DECODER_PREFIX), ("VAE encoder", vae_keymap.ENCODER_PREFIX),
+              ("CLIP image encoder", clip_keymap.ORIGINAL_PREFIX))
+    for what, prefix in needed if require_all else ():
         if not any(k.startswith(prefix) for k in keys):
             raise CheckpointError(f"{path}: this original-format file has no {what} ({prefix}*)")
     return ModelSource(fmt, files, _original_unet_config(src, path), _original_vae_config(src),

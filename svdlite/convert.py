@@ -32,7 +32,8 @@ FORMAT_VERSION = "1"
 # What an original single file holds that svdlite never uses, with the reason (README "Converted checkpoints")
 DROPPED = (
     (NEVER_READ_SUFFIXES, "cross-attention to_q/to_k (no effect: softmax over one CLIP token is 1)"),
-    (("attn2.to_v.weight", "attn2.to_out.0.weight", "attn2.to_out.0.bias"), "cross-attention to_v/to_out, stored folded"),
+    (("attn2.to_v.weight", "attn2.to_out.0.weight", "attn2.to_out.0.bias"),
+     "cross-attention to_v/to_out, stored folded"),
     (("first_stage_model.encoder.", "first_stage_model.quant_conv."),
      "first_stage_model encoder (SVD encodes with the conditioner's copy)"),
     (("conditioner.embedders.3.encoder.decoder.", "conditioner.embedders.3.encoder.post_quant_conv."),
@@ -104,7 +105,8 @@ def save_aligned(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[st
             fh.write(memoryview(tensors[key].detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()))
 
 
-def write_svdlite(out: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str], *, force: bool = False) -> None:
+def write_svdlite(out: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str], *,
+                  force: bool = False) -> None:
     """Atomically write an svdlite file: temp file in the target folder, reload and compare, then rename."""
     out = Path(out)
     if out.exists() and not force:

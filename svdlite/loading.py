@@ -176,8 +176,8 @@ def open_unet_source(source) -> tuple[TensorSource, str]:
     if path.is_dir():
         files = diffusers_unet_files(path)
         if files is None:
-            raise CheckpointError(f"{path} is a folder without a diffusers UNet (expected unet/{DIFFUSERS_UNET_FILES[0]} "
-                                  "or .fp16 variant, or a sharded index)")
+            raise CheckpointError(f"{path} is a folder without a diffusers UNet (expected "
+                                  f"unet/{DIFFUSERS_UNET_FILES[0]} or .fp16 variant, or a sharded index)")
         src = TensorSource(files)
     elif path.is_file():
         src = TensorSource([path])

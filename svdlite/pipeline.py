@@ -18,7 +18,7 @@ from .conditioning import condition
 from .denoiser import make_denoiser
 from .image import open_image
 from .presets import SamplingConfig
-from .run import SETTING_KEYS, Run, RunSpec
+from .run import Run, RunSpec
 from .plan import Plan
 from .seeds import make_generators, per_image
 from .vae import decode_latents

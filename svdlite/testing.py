@@ -62,7 +62,8 @@ def original_checkpoint_shapes(unet_config: UNetConfig | None = None, vae_config
     shapes = {}
     with torch.device("meta"):
         if "unet" in components:
-            shapes.update({ORIGINAL_PREFIX + k: v for k, v in original_unet_shapes(unet_config or UNetConfig()).items()})
+            unet_shapes = original_unet_shapes(unet_config or UNetConfig())
+            shapes.update({ORIGINAL_PREFIX + k: v for k, v in unet_shapes.items()})
         if "vae_encoder" in components:
             for k, v in ConditionEncoder(vae_config).state_dict().items():
                 prefix, rest = k.split(".", 1)

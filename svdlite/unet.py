@@ -175,7 +175,8 @@ class VideoUNet(nn.Module):
             raise ValueError(f"context must have shape ((b t), 1, {self.config.context_dim}): svdlite folds "
                              f"cross-attention over SVD's single CLIP token; got {tuple(context.shape)}")
         if context.shape[0] % num_video_frames:
-            raise ValueError(f"context has {context.shape[0]} rows, not a multiple of num_video_frames={num_video_frames}")
+            raise ValueError(f"context has {context.shape[0]} rows, not a multiple of "
+                             f"num_video_frames={num_video_frames}")
         return {name: layer.context_vectors(context, num_video_frames)
                 for name, block in self.named_blocks() for layer in block
                 if isinstance(layer, SpatialVideoTransformer)}

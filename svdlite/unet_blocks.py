@@ -55,7 +55,8 @@ class VideoResBlock(ResBlock):
     scaled add into r's fresh output, the pass the plain residual add would take anyway (exact up to float rounding;
     image-only frames, alpha = 1, keep x)."""
 
-    def __init__(self, channels: int, emb_channels: int, out_channels: int | None = None, *, video_kernel_size=(3, 1, 1)):
+    def __init__(self, channels: int, emb_channels: int, out_channels: int | None = None, *,
+                 video_kernel_size=(3, 1, 1)):
         super().__init__(channels, emb_channels, out_channels)
         out_channels = out_channels or channels
         self.time_stack = ResBlock(out_channels, emb_channels, out_channels, dims=3, kernel_size=video_kernel_size,

@@ -37,7 +37,8 @@ def original_unet_keys(svdlite_keys) -> list[str]:
             out += [base + s for s in NEVER_READ_SUFFIXES if base + s not in keys] + [key]
         elif key.endswith("attn2_fold.weight"):
             base = key[: -len("attn2_fold.weight")]
-            out += [base + s for s in NEVER_READ_SUFFIXES] + [base + "attn2.to_v.weight", base + "attn2.to_out.0.weight"]
+            out += [base + s for s in NEVER_READ_SUFFIXES]
+            out += [base + "attn2.to_v.weight", base + "attn2.to_out.0.weight"]
         elif key.endswith("attn2_fold.bias"):
             out.append(key[: -len("attn2_fold.bias")] + "attn2.to_out.0.bias")
         else:
@@ -78,10 +79,10 @@ def _block_table(cfg: UNetConfig) -> dict[str, tuple[str, dict | None]]:
     }
     n, ds = 1, 1
     for b in range(levels):
-        for l in range(nrb):
-            table[f"input_blocks.{n}.0"] = (f"down_blocks.{b}.resnets.{l}", _RESNET)
+        for j in range(nrb):
+            table[f"input_blocks.{n}.0"] = (f"down_blocks.{b}.resnets.{j}", _RESNET)
             if ds in cfg.attention_resolutions:
-                table[f"input_blocks.{n}.1"] = (f"down_blocks.{b}.attentions.{l}", _TRANSFORMER)
+                table[f"input_blocks.{n}.1"] = (f"down_blocks.{b}.attentions.{j}", _TRANSFORMER)
             n += 1
         if b != levels - 1:
             table[f"input_blocks.{n}.0.op"] = (f"down_blocks.{b}.downsamplers.0.conv", None)
@@ -89,10 +90,10 @@ def _block_table(cfg: UNetConfig) -> dict[str, tuple[str, dict | None]]:
     n = 0
     for b in range(levels):  # diffusers up_blocks.b is the sgm level levels-1-b
         has_attn = ds in cfg.attention_resolutions
-        for l in range(nrb + 1):
-            table[f"output_blocks.{n}.0"] = (f"up_blocks.{b}.resnets.{l}", _RESNET)
+        for j in range(nrb + 1):
+            table[f"output_blocks.{n}.0"] = (f"up_blocks.{b}.resnets.{j}", _RESNET)
             if has_attn:
-                table[f"output_blocks.{n}.1"] = (f"up_blocks.{b}.attentions.{l}", _TRANSFORMER)
+                table[f"output_blocks.{n}.1"] = (f"up_blocks.{b}.attentions.{j}", _TRANSFORMER)
             n += 1
         if b != levels - 1:
             table[f"output_blocks.{n - 1}.{1 + has_attn}.conv"] = (f"up_blocks.{b}.upsamplers.0.conv", None)
@@ -168,7 +169,8 @@ def unet_config_from_shapes(shape, has) -> UNetConfig:
     levels = len(ops) + 1
     first = [1 + level * (nrb + 1) for level in range(levels)]  # first res block of each level
     mult = tuple(shape(f"input_blocks.{i}.0.out_layers.3.weight")[0] // mc for i in first)
-    attn = tuple(2 ** level for level in reversed(range(levels)) if has(f"input_blocks.{first[level]}.1.proj_in.weight"))
+    attn = tuple(2 ** level for level in reversed(range(levels))
+                 if has(f"input_blocks.{first[level]}.1.proj_in.weight"))
     depth = sum(has(f"middle_block.1.transformer_blocks.{d}.norm1.weight") for d in range(16))
     context = shape("middle_block.1.transformer_blocks.0.attn2.to_k.weight")[1]
     return UNetConfig(in_channels=in_ch, out_channels=shape("out.2.weight")[0], model_channels=mc,

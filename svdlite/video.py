@@ -59,7 +59,8 @@ class Video:
 
     def __post_init__(self):
         if self.frames.dtype != torch.uint8 or self.frames.ndim != 4 or self.frames.shape[-1] != 3:
-            raise ValueError(f"Video.frames must be (T, H, W, 3) uint8, got {tuple(self.frames.shape)} {self.frames.dtype}")
+            raise ValueError(f"Video.frames must be (T, H, W, 3) uint8, got {tuple(self.frames.shape)} "
+                             f"{self.frames.dtype}")
         if not self.fps > 0:
             raise ValueError(f"Video.fps must be positive, got {self.fps}")
 

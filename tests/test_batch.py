@@ -162,7 +162,9 @@ def test_single_process_run_equals_torchrun_and_resumes(torchrun_run, inputs, tm
     model, threads = load_model("tiny"), torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        run = lambda out: run_batch([inputs], out, model=model, seed=11, progress=False, dist=Dist(), **OPTIONS)
+        def run(out):
+            return run_batch([inputs], out, model=model, seed=11, progress=False, dist=Dist(), **OPTIONS)
+
         single = run(tmp_path / "single")
         one = manifest(tmp_path / "single")
         assert (single["done"], single["failed"]) == (4, 1)
@@ -209,6 +211,7 @@ def test_cli_batch_options_and_errors(tmp_path):
 
     with pytest.raises(SystemExit):
         main(["batch", "--help"])
-    assert main(["batch", str(tmp_path / "nothing"), "-o", str(tmp_path / "out"), *CLI_OPTIONS]) == 2  # refused before any work (exit codes: svdlite.cli)
+    # refused before any work (exit codes: svdlite.errors)
+    assert main(["batch", str(tmp_path / "nothing"), "-o", str(tmp_path / "out"), *CLI_OPTIONS]) == 2
     with pytest.raises(TypeError, match="unknown options"):
         run_batch([], tmp_path, model="tiny", colour="red")

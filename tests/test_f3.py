@@ -13,7 +13,6 @@ import svdlite
 from helpers import TINY, random_tensors
 from svdlite import F3Schedule, VideoUNet, calibrate_f3, generate, load_model
 from svdlite.f3 import unet_identity
-from svdlite.unet_blocks import VideoTransformerBlock
 
 EXAMPLE = Path(svdlite.__file__).parent / "assets" / "example.png"
 SMALL = dict(num_frames=3, num_inference_steps=3, height=64, width=64)  # tiny model, small run: a few seconds
@@ -40,7 +39,8 @@ def _unet_inputs(net, frames=3, rows=2, size=8, seed=1):
     g = torch.Generator().manual_seed(seed)
     n = rows * frames
     return (torch.randn(n, net.config.in_channels, size, size, generator=g), torch.randn(n, generator=g),
-            torch.randn(n, 1, net.config.context_dim, generator=g), torch.randn(n, net.config.adm_in_channels, generator=g))
+            torch.randn(n, 1, net.config.context_dim, generator=g),
+            torch.randn(n, net.config.adm_in_channels, generator=g))
 
 
 # --- the UNet's skip and record arguments ----------------------------------------------------------------------

@@ -2,8 +2,9 @@
 
 Tolerance: atol = rtol = 1e-4. The reference README measures the float32 noise floor of this very computation:
 running sgm with 1 instead of 2 threads moves the UNet `out` by up to 4.5e-6 (values of magnitude ~2.5), and
-svdlite's fold (the constant attn2 output, added without the attention) reorders the same sums; 1e-4 leaves 20x headroom over that
-floor while the smallest implementation mistake the README lists (c_noise + 0.1) moves `out` by 2.7e-3 relative.
+svdlite's fold (the constant attn2 output, added without the attention) reorders the same sums; 1e-4 leaves 20x
+headroom over that floor while the smallest implementation mistake the README lists (c_noise + 0.1) moves `out` by
+2.7e-3 relative.
 """
 import pytest
 import torch
