@@ -1,7 +1,6 @@
 """docs/errors.md "Inputs and what svdlite says": every row is run here through `svdlite generate` / `svdlite info`
 (in-process `cli.main`), and must be refused with exit code 2 and its message before any model is loaded.
 A last test checks that each row's message is the one the docs table shows."""
-import io
 import json
 import pickle
 import struct
