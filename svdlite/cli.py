@@ -47,6 +47,9 @@ def _parser() -> argparse.ArgumentParser:
     _plan_options(g)
     g.add_argument("--decode-chunk-size", type=int, help="frames decoded at once; lower needs less memory "
                                                          "(default: 14, or 7 for svd-xt-1.1)")
+    g.add_argument("--offload", choices=("model",), default=None,
+                   help="model: keep the networks in CPU memory and move each to the GPU only while it works (for "
+                        "GPUs too small for all four; slower by the moves)")
     g.add_argument("--force", action="store_true", help="overwrite OUTPUT if it exists")
     _batch_parser(sub)
     c = add_subcommand(sub, "calibrate", _calibrate, help="calibrate an F3-Pruning schedule",
@@ -184,10 +187,12 @@ def _load(args, device: str | None = None, announce: bool = True):
     dtype = resolve_dtype(getattr(torch, TORCH_DTYPES[args.dtype]) if args.dtype in TORCH_DTYPES else args.dtype,
                           device)
     name = f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""
+    offload = getattr(args, "offload", None) is not None
+    where = f"cpu, each network moved to {device}{name} while it works" if offload else f"{device}{name}"
     if announce:
-        print(f"loading {_model_line(args.model)} on {device}{name}, {str(dtype).removeprefix('torch.')}, "
+        print(f"loading {_model_line(args.model)} on {where}, {str(dtype).removeprefix('torch.')}, "
               f"{torch.get_num_threads()} CPU thread(s)")
-    return load_model(args.model, device=device, dtype=dtype, progress=_progress(args))
+    return load_model(args.model, device="cpu" if offload else device, dtype=dtype, progress=_progress(args))
 
 
 def _spec(args):
@@ -271,7 +276,8 @@ def _generate(args) -> int:
     _run_checks(args)
     with exclusive(lock_path(output), f"output {output}"):
         seed = _announce_seed(args.seed, random_seed)
-        video = generate(image, model=_load(args), spec=spec, seed=seed, progress=_progress(args))
+        video = generate(image, model=_load(args), spec=spec, seed=seed, progress=_progress(args),
+                         offload=args.offload, device=args.device if args.offload else None)
         video.save(output, overwrite=args.force)
     print(f"wrote {output} ({len(video)} frames, {video.width}x{video.height} (width x height), {video.fps:g} fps, "
           f"seed {seed})")

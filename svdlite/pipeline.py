@@ -17,6 +17,7 @@ from .components import SVDModel, load_model
 from .conditioning import condition
 from .denoiser import make_denoiser
 from .image import open_image
+from .offload import check_offload, placed
 from .presets import SamplingConfig
 from .run import Run, RunSpec
 from .plan import Plan
@@ -35,7 +36,7 @@ def generate(image, *, model="svd-xt", num_frames: int | None = None, num_infere
              f3_statistic: str | None = None, cache_interval: int | None = None, cache_depth: int | None = None,
              schedule: str | None = None, sigmas=None, speed: str = "exact", device=None,
              dtype: torch.dtype | None = None, progress: bool = True, token: str | None = None,
-             batch_size: int = 1, spec: RunSpec | None = None) -> Video | list[Video]:
+             batch_size: int = 1, spec: RunSpec | None = None, offload: str | None = None) -> Video | list[Video]:
     """Generate a video from one image, or a list of videos from a list of images. Unset arguments take the
     preset's defaults (`model.sampling`).
 
@@ -61,6 +62,9 @@ def generate(image, *, model="svd-xt", num_frames: int | None = None, num_infere
       speed ("exact" | "balanced" | "fast"): a named combination of these (plan.SPEED_LEVELS); options given
         explicitly override its choices.
     spec: a `RunSpec` holding the settings and options instead of the keywords above (then leave those unset).
+    offload: "model" keeps the networks in CPU memory and moves each to `device` (default: the GPU) only while it
+        works (offload.py); the model must then be loaded on the CPU. None (default): everything on the model's
+        device.
     Returns a `Video` (uint8 frames, fps, seed) whose `latents` are the final denoised latents (a list for a list).
     Settings, options, images and device are checked before the model is loaded; non-finite values stop the run.
     """
@@ -81,33 +85,40 @@ def generate(image, *, model="svd-xt", num_frames: int | None = None, num_infere
         raise ValueError("pass either seed or generator, not both")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    check_offload(offload)
     batched = isinstance(image, (list, tuple))
     images = [open_image(im) if isinstance(im, (str, Path)) else im  # a bad file fails here, before loading
               for im in (image if batched else [image])]
     device, dtype = (None if device == "auto" else device), (None if dtype == "auto" else dtype)
+    compute = checks.resolve_device(device or "auto") if offload else None  # where each network works in turn
     if not isinstance(model, SVDModel):
-        model = load_model(model, device=device or "auto", dtype=dtype or "auto", token=token, progress=progress)
-    checks.model_device_dtype(model.unet, device, dtype)
+        model = load_model(model, device="cpu" if offload else device or "auto",
+                           dtype=checks.resolve_dtype(dtype or "auto", compute) if offload else dtype or "auto",
+                           token=token, progress=progress)
+    checks.model_device_dtype(model.unet, "cpu" if offload else device, dtype)
     run = spec.resolve(model)
     seeds, generators = make_generators(len(images), seed, generator, batched)
     videos = make_videos(model, images, run, seeds, generators, per_image(latents, len(images), batched, "latents"),
-                         batch_size=batch_size, progress=progress)
+                         batch_size=batch_size, progress=progress, offload_to=compute)
     return videos if batched else videos[0]
 
 
 def make_videos(model: SVDModel, images: list, run: Run, seeds: list, generators: list, latents: list, *,
-                batch_size: int = 1, progress: bool = False) -> list[Video]:
+                batch_size: int = 1, progress: bool = False, offload_to: torch.device | None = None) -> list[Video]:
     """The videos of `images` with a resolved run, `batch_size` videos per UNet evaluation (the path `generate` and
-    `svdlite batch` share; everything here was checked before)."""
+    `svdlite batch` share; everything here was checked before). offload_to: the device each network is moved to
+    while it works (model offload), or None: the model's own."""
     dev, dtype = checks.model_device_dtype(model.unet)
+    dev = offload_to or dev
     s, t, videos = run.settings, run.settings.num_frames, []
     for start in range(0, len(images), batch_size):
         part = slice(start, start + batch_size)
         x = sample(model, images[part], s, run.plan, generator=generators[part], latents=latents[part], device=dev,
-                   dtype=dtype, progress=progress)
+                   dtype=dtype, progress=progress, offload=offload_to is not None)
         checks.check_finite(x, "the latents after sampling", f"the UNet ran in {dtype}: try float32 (CLI: --dtype "
                             "fp32) or bf16, and check the UNet weights for NaN/inf")
-        decoded = decode(model, x, t, s.decode_chunk_size, progress)
+        with placed([model.vae_decoder], dev, offload_to is not None):
+            decoded = decode(model, x, t, s.decode_chunk_size, progress)
         checks.check_finite(decoded, "the decoded frames", "the VAE decoder (float32) produced them from finite "
                             "latents: its weights hold NaN/inf (corrupt file?)")
         frames = to_uint8_frames(decoded)
@@ -118,23 +129,26 @@ def make_videos(model: SVDModel, images: list, run: Run, seeds: list, generators
 
 def sample(model: SVDModel, image, s: SamplingConfig, plan: Plan, *, generator: torch.Generator,
            latents: torch.Tensor | None = None, device="cpu", dtype: torch.dtype = torch.float32,
-           progress: bool = False, record: dict | None = None) -> torch.Tensor:
+           progress: bool = False, record: dict | None = None, offload: bool = False) -> torch.Tensor:
     """Condition on the image(s) and run the plan's sampling loop: the final latents ((b t), 4, h/8, w/8), fp32.
 
     image: one image, or a list of b images (videos sampled together as `(b t)` rows); then `generator` and
         `latents` are lists of b too, one per video, each generator drawn in the one-video order (the condition
         image's noise augmentation, then the initial latents).
-    record: a dict that receives {step: {unit: {"attention", "contribution"}}} (F3 calibration)."""
+    record: a dict that receives {step: {unit: {"attention", "contribution"}}} (F3 calibration).
+    offload: move CLIP and the VAE encoder to `device` while conditioning, the UNet while sampling, back after."""
     dev = torch.device(device)
     batched = isinstance(image, (list, tuple))
     images = list(image) if batched else [image]
     generators = per_image(generator, len(images), batched, "generator")
-    batch, latents = condition(model, images, s, generators, per_image(latents, len(images), batched, "latents"), dev)
+    noises = per_image(latents, len(images), batched, "latents")
+    with placed([model.image_encoder, model.vae_encoder], dev, offload):
+        batch, latents = condition(model, images, s, generators, noises, dev)
     sigmas = plan.sigmas_tensor(dev)
     x = sampling.initial_latents(latents, sigmas)
-    denoise = make_denoiser(model, batch, s.num_frames, s.min_guidance_scale, s.max_guidance_scale, plan.cache_depth,
-                            dtype, record)
-    with tqdm(total=plan.num_steps, desc="denoising", disable=not progress) as bar:
+    with placed([model.unet], dev, offload), tqdm(total=plan.num_steps, desc="denoising", disable=not progress) as bar:
+        denoise = make_denoiser(model, batch, s.num_frames, s.min_guidance_scale, s.max_guidance_scale,
+                                plan.cache_depth, dtype, record)
         return sampling.sample_euler_edm(denoise, x, sigmas, steps=plan.steps, callback=lambda info: bar.update(1))
 
 
