@@ -8,6 +8,12 @@ width or the tiny width; each side loads it through its own loader, in float32, 
 128x128 pixels, guidance 1.0 -> 2.5, decoding in chunks of 14 included). Timed: the generate / pipeline call
 (loading excluded); also reported: the process's peak resident memory. The outputs are checked to agree first:
 final latents (max |a - b| / max |b|) and uint8 frames (max step).
+
+    python tools/bench_generate.py --write FOLDER [--width full|tiny] [--seed S] [--force]
+    python tools/bench_generate.py --child diffusers|svdlite FOLDER OUT.npz [--threads N] [--seed S] [--force]
+
+An existing output (FOLDER of --write, OUT of --child) is refused unless --force; each is written under a temporary
+name beside it and renamed when complete.
 """
 import argparse
 import json
@@ -19,6 +25,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+TOOLS = Path(__file__).resolve().parent
+if str(TOOLS) not in sys.path:  # run as a script the folder is there; loaded from its path (tests) it is not
+    sys.path.append(str(TOOLS))
+from _tool_output import add_force, atomic_file, atomic_folder, check_outputs  # noqa: E402
 
 SETTINGS = dict(num_frames=14, num_inference_steps=3, fps=7, motion_bucket_id=127, noise_aug_strength=0.02,
                 min_guidance_scale=1.0, max_guidance_scale=2.5, decode_chunk_size=14, height=128, width=128)
@@ -126,7 +137,8 @@ def child(side: str, folder: str, out: str, threads: int, seed: int) -> dict:
         video = generate(image, model=model, seed=seed, latents=noise, progress=False, **s)
         seconds = time.perf_counter() - start
         latents, uint8 = video.latents, video.frames.numpy()  # (T, H, W, 3)
-    np.savez(out, latents=latents.float().numpy(), frames=uint8)
+    with atomic_file(out) as tmp, open(tmp, "wb") as fh:  # a file object: np.savez would append .npz to a name
+        np.savez(fh, latents=latents.float().numpy(), frames=uint8)
     from bench_loading import peak_rss  # this script's folder is on sys.path
 
     return {"seconds": seconds, "peak_rss": peak_rss()}
@@ -147,17 +159,19 @@ def _run(args: list[str]) -> dict:
 
 
 def measure_generate(folder: Path, width: str, rounds: int, threads: int, seed: int, log=print) -> dict:
-    """Write the pipeline, check both sides agree, time `rounds` alternating runs (each its own process)."""
+    """Write the pipeline in `folder` (an existing, empty work folder), check both sides agree, time `rounds`
+    alternating runs (each its own process)."""
     import statistics
 
-    _run(["--write", str(folder), "--width", width, "--seed", str(seed)])
-    log(f"wrote a random {width}-width diffusers SVD pipeline to {folder}")
+    pipeline = folder / "pipeline"
+    _run(["--write", str(pipeline), "--width", width, "--seed", str(seed)])
+    log(f"wrote a random {width}-width diffusers SVD pipeline to {pipeline}")
     runs = {"diffusers": [], "svdlite": []}
     outputs = {}
     for r in range(rounds):
         for side in (("diffusers", "svdlite") if r % 2 == 0 else ("svdlite", "diffusers")):
-            npz = folder / f"{side}.npz"
-            runs[side].append(_run(["--child", side, str(folder), str(npz), "--threads", str(threads),
+            npz = folder / f"{side}-{r}.npz"
+            runs[side].append(_run(["--child", side, str(pipeline), str(npz), "--threads", str(threads),
                                     "--seed", str(seed)]))
             if side not in outputs:
                 with np.load(npz) as z:
@@ -187,20 +201,36 @@ def print_generate(r: dict) -> None:
     print(f"  svdlite/diffusers time (per round, median): {r['ratio']:.3f}")
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--child", nargs=3, metavar=("SIDE", "FOLDER", "OUT"))
-    parser.add_argument("--write", metavar="FOLDER")
-    parser.add_argument("--width", choices=("full", "tiny"), default="full")
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     epilog="run by tools/benchmark.py --parts generate; exit code 2: refused (bad "
+                                            "arguments, an output exists without --force)")
+    mode = parser.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--write", metavar="FOLDER", type=Path,
+                      help="write a random diffusers SVD pipeline folder FOLDER (its parent must exist)")
+    mode.add_argument("--child", nargs=3, metavar=("SIDE", "FOLDER", "OUT"),
+                      help="one run: SIDE diffusers or svdlite loads the pipeline FOLDER, saves the final latents and "
+                           "frames to OUT (.npz) and prints its timing as one JSON line")
+    parser.add_argument("--width", choices=("full", "tiny"), default="full", help="--write: network width")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2, help="--child: torch threads")
+    add_force(parser)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.write:
-        write_pipeline(Path(args.write), args.width, args.seed)
+        check_outputs(parser, [args.write], args.force)
+        with atomic_folder(args.write) as folder:
+            write_pipeline(folder, args.width, args.seed)
         return 0
-    if not args.child:
-        parser.error("--child SIDE FOLDER OUT or --write FOLDER")
-    print(json.dumps(child(*args.child, args.threads, args.seed)))
+    side, folder, out = args.child
+    if side not in ("diffusers", "svdlite"):
+        parser.error(f"--child SIDE is diffusers or svdlite, got {side!r}")
+    check_outputs(parser, [Path(out)], args.force)
+    print(json.dumps(child(side, folder, out, args.threads, args.seed)))
     return 0
 
 

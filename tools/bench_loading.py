@@ -13,6 +13,13 @@ each load the other files are dropped from the page cache and this one is read t
 side, reads a cached file with the same free memory beside it; the cases alternate, each in its own process.
 Reported per load: seconds inside the load call (imports excluded), the process's peak resident memory, its
 resident memory before the call, and the model's bytes.
+
+    python tools/bench_loading.py --write-files FOLDER [--seed S] [--force]
+    python tools/bench_loading.py --child diffusers|svdlite PATH fp32|fp16 [--threads N]
+
+--write-files writes FOLDER/diffusers/, FOLDER/svd_original_fp16.safetensors, FOLDER/svd.svdlite.safetensors and
+FOLDER/svd.svdlite.fp32.safetensors into an existing FOLDER; any of them that exists is refused unless --force, and
+each is written under a temporary name beside it and renamed when complete. --child writes no file.
 """
 import argparse
 import json
@@ -25,6 +32,11 @@ import time
 from pathlib import Path
 
 import torch
+
+TOOLS = Path(__file__).resolve().parent
+if str(TOOLS) not in sys.path:  # run as a script the folder is there; loaded from its path (tests) it is not
+    sys.path.append(str(TOOLS))
+from _tool_output import add_force, atomic_file, atomic_folder, check_outputs  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 CASES = (("diffusers", "diffusers"), ("svdlite", "diffusers"), ("svdlite", "original"), ("svdlite", "svdlite"),
@@ -81,8 +93,8 @@ def file_paths(folder: Path) -> dict[str, Path]:
             "svdlite": folder / "svd.svdlite.safetensors", "svdlite32": folder / "svd.svdlite.fp32.safetensors"}
 
 
-def _write_files(folder: Path, seed: int) -> None:
-    """The three files (see the module docstring), SVD's full-size UNet."""
+def _write_files(folder: Path, seed: int, force: bool = False) -> None:
+    """The files (see the module docstring), SVD's full-size UNet; each through a temporary name."""
     sys.path.insert(0, str(Path(__file__).parent))
     from benchmark import build_diffusers_unet
     from safetensors.torch import save_file
@@ -96,17 +108,18 @@ def _write_files(folder: Path, seed: int) -> None:
 
     config, paths = UNetConfig(), file_paths(folder)
     unet = build_diffusers_unet(config, 14, seed).half()
-    unet.save_pretrained(paths["diffusers"] / "unet", safe_serialization=True, variant="fp16",
-                         max_shard_size="100GB")
+    with atomic_folder(paths["diffusers"]) as tmp:
+        unet.save_pretrained(tmp / "unet", safe_serialization=True, variant="fp16", max_shard_size="100GB")
     with torch.device("meta"):
         keys = list(VideoUNet(config, fold_cross_attention=False).state_dict())
     state = unet.state_dict()
-    save_file({ORIGINAL_PREFIX + k: state[v].contiguous() for k, v in diffusers_unet_names(config, keys).items()},
-              str(paths["original"]))
+    with atomic_file(paths["original"]) as tmp:
+        save_file({ORIGINAL_PREFIX + k: state[v].contiguous() for k, v in diffusers_unet_names(config, keys).items()},
+                  str(tmp))
     del unet, state
     for fmt, dtype in (("svdlite", torch.float16), ("svdlite32", torch.float32)):
         convert(open_model_source(paths["original"], "svd", require_all=False), paths[fmt], dtype=dtype,
-                log=lambda msg: None)
+                force=force, log=lambda msg: None)  # convert writes through a temporary file itself
 
 
 def _child_env() -> dict:
@@ -208,19 +221,34 @@ def print_loading(result: dict) -> None:
                   f"{o['peak_above_start_over_model']:>20.2f}")
 
 
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     epilog="run by tools/benchmark.py --parts loading; exit code 2: refused (bad "
+                                            "arguments, an output exists without --force)")
+    mode = parser.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--write-files", metavar="FOLDER", type=Path,
+                      help="write the benchmark's files from one set of random weights into FOLDER (it must exist)")
+    mode.add_argument("--child", nargs=3, metavar=("SIDE", "PATH", "DTYPE"),
+                      help="one load: SIDE diffusers or svdlite loads PATH to DTYPE fp32 or fp16 and prints the "
+                           "measurement as one JSON line")
+    parser.add_argument("--seed", type=int, default=0, help="--write-files: seed of the random weights")
+    parser.add_argument("--threads", type=int, default=2, help="--child: torch threads")
+    add_force(parser)
+    return parser
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--child", nargs=3, metavar=("SIDE", "PATH", "DTYPE"))
-    parser.add_argument("--write-files", metavar="FOLDER")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=2)
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.write_files:
-        _write_files(Path(args.write_files), args.seed)
+        if not args.write_files.is_dir():
+            parser.error(f"--write-files: folder {args.write_files} does not exist")
+        check_outputs(parser, file_paths(args.write_files).values(), args.force)
+        _write_files(args.write_files, args.seed, args.force)
         return 0
-    if not args.child:
-        parser.error("--child SIDE PATH DTYPE or --write-files FOLDER")
     side, path, dtype = args.child
+    if side not in ("diffusers", "svdlite") or dtype not in DTYPES:
+        parser.error(f"--child SIDE PATH DTYPE: SIDE diffusers or svdlite, DTYPE {' or '.join(DTYPES)}")
     print(json.dumps(child(side, path, dtype, args.threads)))
     return 0
 

@@ -15,7 +15,9 @@ Parts (`--parts`, default unet):
   generate  a whole `generate` against `StableVideoDiffusionPipeline`, same image and noise, 14 frames, 128x128,
             3 steps, decoding included, each run a fresh process (tools/bench_generate.py).
 `--quick` is a reduced run (tiny width, one size, two rounds, generate at tiny width once) in under three minutes.
-`--json PATH` writes the result; `--json` alone prints it instead of the tables.
+`--json PATH` writes the result (an existing PATH is refused unless `--force`; written under a temporary name and
+renamed, once before the generate part too, so what was measured survives its failure); `--json` alone prints it
+instead of the tables.
 
 One CFG-doubled UNet evaluation (batch 2*frames, as every guided sampling step runs it), three ways:
   diffusers   `UNetSpatioTemporalConditionModel.forward` (diffusers as installed, AttnProcessor2_0 / SDPA);
@@ -61,6 +63,11 @@ from svdlite.loading import load_unet
 from svdlite.testing import random_tensors
 from svdlite.unet import UNetConfig
 from svdlite.unet_keymap import unet_config_from_diffusers
+
+TOOLS = Path(__file__).resolve().parent
+if str(TOOLS) not in sys.path:  # run as a script the folder is there; loaded from its path (tests) it is not
+    sys.path.append(str(TOOLS))
+from _tool_output import add_force, check_outputs, write_text  # noqa: E402
 
 WIDTHS = {
     "full": UNetConfig(),
@@ -439,8 +446,10 @@ def parse_sizes(text: str) -> list[tuple[int, int]]:
         raise ValueError(f"--sizes takes HxW pixel sizes separated by commas, got {text!r}") from err
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     epilog="exit codes: 0 done, 1 the outputs compared disagree, 2 refused "
+                                            "(bad arguments, --json PATH exists without --force)")
     parser.add_argument("--width", choices=sorted(WIDTHS), help="network width (default full: SVD's; --quick: tiny)")
     parser.add_argument("--frames", type=int, default=14)
     parser.add_argument("--height", type=int, default=64, help="pixels (latent = /8)")
@@ -469,7 +478,15 @@ def main(argv=None) -> int:
     parser.add_argument("--workdir", help="where the temporary files go (default: the system temp dir)")
     parser.add_argument("--json", nargs="?", const="-", metavar="PATH",
                         help="write the result as JSON to PATH (alone: print it instead of the table)")
+    add_force(parser)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
+    if args.json and args.json != "-":
+        check_outputs(parser, [Path(args.json)], args.force)
     if args.repeats < 1 or args.warmup < 0:
         parser.error("--repeats must be >= 1 and --warmup >= 0")
     if args.threads:
@@ -517,13 +534,13 @@ def main(argv=None) -> int:
         with tempfile.TemporaryDirectory(prefix="svdlite-bench-gen-", dir=args.workdir) as tmp:
             log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
             if args.json and args.json != "-":  # what is measured so far survives a failure of this part
-                Path(args.json).write_text(json.dumps(result, indent=1))
+                write_text(args.json, json.dumps(result, indent=1))
             result["generate"] = bench_generate.measure_generate(
                 Path(tmp), "tiny" if args.quick else args.generate_width, 1 if args.quick else args.generate_rounds,
                 torch.get_num_threads(), args.seed, log)
         result["load_average_end"] = _loadavg()
     if args.json and args.json != "-":
-        Path(args.json).write_text(json.dumps(result, indent=1))
+        write_text(args.json, json.dumps(result, indent=1))
     if args.json == "-":
         print(json.dumps(result, indent=1))
     else:

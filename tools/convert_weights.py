@@ -34,9 +34,7 @@ def convert_command(args) -> int:
     return 0
 
 
-def main(argv=None) -> int:
-    """Exit codes as the `svdlite` command's (`svdlite.errors.run_cleanly`): 0 done, 1 failed while converting, 2 refused
-    (bad source checkpoint, existing OUT without --force), 130 Ctrl-C, 143 SIGTERM; the temporary file is removed."""
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 epilog="exit codes: 0 done, 1 failed while converting, 2 refused (bad source, "
                                        "existing OUT), 130 Ctrl-C, 143 SIGTERM")
@@ -48,7 +46,14 @@ def main(argv=None) -> int:
     p.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--debug", action="store_true", help="show the full traceback of an error")
-    return run_cleanly(convert_command, p.parse_args(argv))
+    return p
+
+
+def main(argv=None) -> int:
+    """Exit codes as the `svdlite` command's (`svdlite.errors.run_cleanly`): 0 done, 1 failed while converting, 2
+    refused (bad source checkpoint, existing OUT without --force), 130 Ctrl-C, 143 SIGTERM; the temporary file is
+    removed."""
+    return run_cleanly(convert_command, build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -368,8 +368,9 @@ def option_plans(args) -> list[tuple[str, object]]:
     return plans
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     epilog="prints a table (or --json rows) on stdout; writes no file")
     parser.add_argument("--preset", default="svd-xt", choices=sorted(PRESETS))
     parser.add_argument("--frames", type=int)
     parser.add_argument("--steps", type=int, help="denoising steps (default: the preset's; the paper uses 25)")
@@ -385,6 +386,11 @@ def main(argv=None) -> None:
     parser.add_argument("--speed", action="store_true", help="rows for the speed levels (generate --speed)")
     parser.add_argument("--json", action="store_true", help="print the rows as a JSON list")
     parser.add_argument("--ops", action="store_true", help="also list every aten op seen, per component")
+    return parser
+
+
+def main(argv=None) -> None:
+    parser = build_parser()
     args = parser.parse_args(argv)
     try:
         rows = count(args.preset, args.frames, args.steps, args.height, args.width, args.cut_steps,

@@ -5,6 +5,7 @@
                                     [--f3-ratios 0.1,0.2,...] [--f3-schedule S.json] [--cuts K1,K2,...]
                                     [--speeds balanced,fast] [--rounds R] [--steps N] [--frames N] [--height H]
                                     [--width W] [--seed S] [--image IMG] [--device cpu] [--dtype fp32] [--json]
+                                    [--f3-save S.json [--calibrate-only] [--force]]
 
 Every variant is a set of `svdlite.generate` options (guidance_cut_step, f3_ratio, f3_statistic, cache_interval,
 cache_depth, schedule, num_inference_steps, speed): one per-step plan (svdlite/plan.py). Each is run with the same
@@ -12,8 +13,8 @@ seed and image as the exact run and reported with: the relative L2 distance of i
 ones (||z - z_exact|| / ||z_exact||), the mean and max absolute difference of the uint8 frames, the PSNR of all
 frames and of the worst frame, its UNet work (guided + conditional calls, skipped temporal units, cache-reusing
 steps), and its time: every round runs the exact computation and every variant once, in turn, and the time ratio
-is the median over rounds of variant / exact within a round (whole `generate` calls, decoding included), for wall time and for the process's CPU time (robust on a shared
-machine).
+is the median over rounds of variant / exact within a round (whole `generate` calls, decoding included), for wall
+time and for the process's CPU time (robust on a shared machine).
 
 F3 variants need a schedule: `--f3-schedule`, or one is calibrated here on the same image with seed + 1 and the
 run's settings (so the ranking is not fitted to the measured noise).
@@ -45,6 +46,11 @@ from svdlite.plan import SPEED_LEVELS, speed_options
 from svdlite.testing import random_tensors
 from svdlite.unet import UNetConfig, VideoUNet
 from svdlite.vae import ConditionEncoder, VAEConfig, VideoDecoder
+
+TOOLS = Path(__file__).resolve().parent
+if str(TOOLS) not in sys.path:  # run as a script the folder is there; loaded from its path (tests) it is not
+    sys.path.append(str(TOOLS))
+from _tool_output import add_force, check_outputs  # noqa: E402
 
 EXAMPLE = Path(svdlite.__file__).parent / "assets" / "example.png"
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -224,8 +230,10 @@ def _floats(text: str | None, what: str, kind=float) -> list | None:
         raise ValueError(f"{what} must be comma-separated {kind.__name__}s, got {text!r}") from None
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     epilog="prints a table (or --json) on stdout; the only file it writes is "
+                                            "--f3-save's")
     parser.add_argument("--model", default="tiny", help="tiny | fullwidth | a checkpoint path or preset name")
     parser.add_argument("--steps", type=int, help="default: the preset's (fullwidth: 10)")
     parser.add_argument("--frames", type=int, help="default: the preset's (fullwidth: 8)")
@@ -238,7 +246,8 @@ def main(argv=None) -> int:
     parser.add_argument("--speeds", help=f"speed levels for the default set (default: balanced,fast; "
                                          f"known: {','.join(SPEED_LEVELS)})")
     parser.add_argument("--f3-schedule", help="F3 schedule to use (default: calibrate one here, seed + 1)")
-    parser.add_argument("--f3-save", help="also write the F3 schedule used (calibrated here) to this file")
+    parser.add_argument("--f3-save", type=Path,
+                        help="also write the F3 schedule used (calibrated here) to this file")
     parser.add_argument("--calibrate-only", action="store_true", help="with --f3-save: only calibrate and save")
     parser.add_argument("--rounds", type=int, default=1, help="timing rounds (each runs exact and every variant)")
     parser.add_argument("--threads", type=int, help="torch threads (1 makes the CPU-time ratio robust to other load: "
@@ -248,7 +257,15 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     parser.add_argument("--json", action="store_true", help="print the result as one JSON dict")
+    add_force(parser)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
+    if args.f3_save is not None:
+        check_outputs(parser, [args.f3_save], args.force)
     command = shlex.join([sys.executable, "tools/measure_options.py", *(sys.argv[1:] if argv is None else argv)])
     if args.threads is not None:
         if args.threads < 1:
@@ -289,7 +306,7 @@ def main(argv=None) -> int:
                         "width": size["width"]}
             schedule = svdlite.calibrate_f3([args.image], model=model, seed=args.seed + 1, device=args.device,
                                             dtype=dtype, progress=False, **{k: v for k, v in settings.items() if v})
-        schedule.save(args.f3_save)
+        schedule.save(args.f3_save, overwrite=args.force)  # a temporary file renamed into place
         print(f"wrote {args.f3_save}", file=sys.stderr)
         if args.calibrate_only:
             return 0

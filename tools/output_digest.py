@@ -17,6 +17,11 @@ from pathlib import Path
 
 import torch
 
+TOOLS = Path(__file__).resolve().parent
+if str(TOOLS) not in sys.path:  # run as a script the folder is there; loaded from its path (tests) it is not
+    sys.path.append(str(TOOLS))
+from _tool_output import add_force, check_outputs, write_text  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 IMAGE = REPO / "svdlite" / "assets" / "example.png"
 SMALL = dict(num_frames=3, num_inference_steps=4, height=64, width=64)
@@ -31,12 +36,13 @@ def rows(model, schedule) -> dict[str, dict]:
     import svdlite
 
     variants = {
-        "exact": {}, "guidance cut 2": {"guidance_cut_step": 2}, "cache 2 depth 0": {"cache_interval": 2, "cache_depth": 0},
-        "cache 2 default depth": {"cache_interval": 2},
-        "cache 3 depth 1": {"cache_interval": 3, "cache_depth": 1}, "f3 0.3": {"f3_schedule": schedule, "f3_ratio": 0.3},
+        "exact": {}, "guidance cut 2": {"guidance_cut_step": 2},
+        "cache 2 depth 0": {"cache_interval": 2, "cache_depth": 0}, "cache 2 default depth": {"cache_interval": 2},
+        "cache 3 depth 1": {"cache_interval": 3, "cache_depth": 1},
+        "f3 0.3": {"f3_schedule": schedule, "f3_ratio": 0.3},
         "f3 0.3 contribution": {"f3_schedule": schedule, "f3_ratio": 0.3, "f3_statistic": "contribution"},
-        "ays 4": {"schedule": "ays"}, "speed balanced": {"speed": "balanced"}, "speed fast": {"speed": "fast",
-                                                                                             "num_inference_steps": 4},
+        "ays 4": {"schedule": "ays"}, "speed balanced": {"speed": "balanced"},
+        "speed fast": {"speed": "fast", "num_inference_steps": 4},
         "cut x cache": {"guidance_cut_step": 2, "cache_interval": 2, "cache_depth": 0},
         "cut x f3": {"guidance_cut_step": 2, "f3_schedule": schedule, "f3_ratio": 0.3},
         "cache x f3": {"cache_interval": 2, "cache_depth": 0, "f3_schedule": schedule, "f3_ratio": 0.3},
@@ -63,23 +69,30 @@ def rows(model, schedule) -> dict[str, dict]:
             (folder / f"{k}.png").write_bytes(IMAGE.read_bytes())
         summary = run_batch([folder], Path(tmp) / "out", model=model, seed=5, progress=False, **SMALL)
         out["batch"] = {"frames": "/".join(sorted(r["frames_sha256"][:16] for r in summary["records"])),
-                        "seeds": "/".join(str(r["seed"]) for r in sorted(summary["records"], key=lambda r: r["input"]))}
+                        "seeds": "/".join(str(r["seed"])
+                                          for r in sorted(summary["records"], key=lambda r: r["input"]))}
     stats = schedule.stats["attention"]
     out["calibrate"] = {"attention": digest(torch.tensor(stats, dtype=torch.float64))}
     return out
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__.split("\n\n", 1)[1])
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--json", type=Path, help="write the digests to this file")
     g.add_argument("--compare", type=Path, help="compare with the digests in this file; exit code 1 if any differs")
-    p.add_argument("--force", action="store_true", help="overwrite the --json file if it exists")
+    add_force(p)
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    return p
+
+
+def main(argv=None) -> int:
+    p = build_parser()
     args = p.parse_args(argv)
-    if args.json is not None and args.json.exists() and not args.force:
-        p.error(f"{args.json} exists; pass --force to overwrite it")
+    if args.json is not None:
+        check_outputs(p, [args.json], args.force)
     if args.compare is not None and not args.compare.is_file():
         p.error(f"{args.compare} not found")
     torch.set_num_threads(args.threads)
@@ -91,9 +104,7 @@ def main(argv=None) -> int:
                             **{k: v for k, v in SMALL.items()})
     result = rows(model, schedule)
     if args.json is not None:
-        tmp = args.json.with_name(f".{args.json.name}.partial")
-        tmp.write_text(json.dumps(result, indent=1))
-        tmp.replace(args.json)
+        write_text(args.json, json.dumps(result, indent=1))  # a temporary file renamed into place
         print(f"wrote {args.json} ({len(result)} rows)")
         return 0
     before = json.loads(args.compare.read_text())
