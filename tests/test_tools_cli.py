@@ -13,13 +13,13 @@ from pathlib import Path
 import pytest
 
 import svdlite
+from svdlite import outputs as output  # the helper the tools write through
 
 from helpers import TOOLS, load_tool
 
 BUNDLED = Path(svdlite.__file__).parent / "assets" / "tiny.safetensors"
 TOOL_NAMES = ("make_tiny_model", "convert_weights", "count_macs", "make_diffusers_unet_reference", "measure_options",
               "benchmark", "bench_generate", "bench_loading", "output_digest")
-output = load_tool("_tool_output")
 
 
 def exit_code(tool, argv) -> int:
@@ -111,7 +111,7 @@ def test_make_tiny_model_writes_the_bundled_file_byte_for_byte(tmp_path, capsys)
         "svdlite/assets/tiny.safetensors --force")
 
 
-# --- the helper the tools write through (tools/_tool_output.py) ---------------------------------------------------
+# --- the helper the tools write through (svdlite/outputs.py) ---------------------------------------------------
 
 def test_atomic_file_replaces_only_when_complete(tmp_path):
     path = tmp_path / "result.json"

@@ -25,11 +25,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from svdlite.outputs import add_force, atomic_file, atomic_folder, check_outputs
 
-TOOLS = Path(__file__).resolve().parent
-if str(TOOLS) not in sys.path:  # run as a script the folder is there; loaded from its path (tests) it is not
-    sys.path.append(str(TOOLS))
-from _tool_output import add_force, atomic_file, atomic_folder, check_outputs  # noqa: E402
 
 SETTINGS = dict(num_frames=14, num_inference_steps=3, fps=7, motion_bucket_id=127, noise_aug_strength=0.02,
                 min_guidance_scale=1.0, max_guidance_scale=2.5, decode_chunk_size=14, height=128, width=128)
@@ -108,7 +105,8 @@ def child(side: str, folder: str, out: str, threads: int, seed: int) -> dict:
     torch.set_num_threads(threads)
     s = SETTINGS
     image = make_image(s["height"], s["width"])
-    noise = torch.randn(s["num_frames"], 4, s["height"] // 8, s["width"] // 8, generator=torch.Generator().manual_seed(seed))
+    noise = torch.randn(s["num_frames"], 4, s["height"] // 8, s["width"] // 8,
+                        generator=torch.Generator().manual_seed(seed))
     if side == "diffusers":
         from diffusers import StableVideoDiffusionPipeline
 

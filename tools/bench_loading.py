@@ -32,11 +32,8 @@ import time
 from pathlib import Path
 
 import torch
+from svdlite.outputs import add_force, atomic_file, atomic_folder, check_outputs
 
-TOOLS = Path(__file__).resolve().parent
-if str(TOOLS) not in sys.path:  # run as a script the folder is there; loaded from its path (tests) it is not
-    sys.path.append(str(TOOLS))
-from _tool_output import add_force, atomic_file, atomic_folder, check_outputs  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 CASES = (("diffusers", "diffusers"), ("svdlite", "diffusers"), ("svdlite", "original"), ("svdlite", "svdlite"),

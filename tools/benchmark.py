@@ -63,11 +63,8 @@ from svdlite.loading import load_unet
 from svdlite.testing import random_tensors
 from svdlite.unet import UNetConfig
 from svdlite.unet_keymap import unet_config_from_diffusers
+from svdlite.outputs import add_force, check_outputs, write_text
 
-TOOLS = Path(__file__).resolve().parent
-if str(TOOLS) not in sys.path:  # run as a script the folder is there; loaded from its path (tests) it is not
-    sys.path.append(str(TOOLS))
-from _tool_output import add_force, check_outputs, write_text  # noqa: E402
 
 WIDTHS = {
     "full": UNetConfig(),
@@ -327,7 +324,8 @@ def benchmark(config: UNetConfig, frames: int = 14, height: int = 64, width: int
                 log(f"{hw[0]}x{hw[1]} px:")
                 phases[hw].append(time_interleaved(runner, ["diffusers", "svdlite"], repeats, warmup, log))
                 if profile:
-                    result.setdefault("profiles", {})[f"{hw[0]}x{hw[1]}"] = profile_calls(runner, ["diffusers", "svdlite"])
+                    profiles = result.setdefault("profiles", {})
+                    profiles[f"{hw[0]}x{hw[1]}"] = profile_calls(runner, ["diffusers", "svdlite"])
             for runner in runners.values():
                 runner.drop("diffusers")
         if unfolded:
@@ -396,7 +394,8 @@ def print_table(r: dict, command: str) -> None:
     print(f"UNet, one CFG-doubled evaluation: batch {r['batch']} (2 x {r['frames']} frames), fp32 CPU, "
           f"{r['threads']} threads")
     print(f"network: model_channels {cfg['model_channels']}, channel_mult {tuple(cfg['channel_mult'])} "
-          f"({r['params_diffusers']:,} params in diffusers' layout); same random weights (seed {r['seed']}) on every side")
+          f"({r['params_diffusers']:,} params in diffusers' layout); same random weights (seed {r['seed']}) on "
+          "every side")
     print(f"torch {r['torch']}, diffusers {r['diffusers_version']}; {r['warmup']} warm-up call(s), {r['repeats']} "
           f"interleaved rounds; memory: {r['memory_mode']}")
     print(f"load average (1/5/15 min) at start {r['load_average_start']}, at end {r['load_average_end']} "
@@ -423,10 +422,12 @@ def print_table(r: dict, command: str) -> None:
             rate = f"{row['macs'] / st['median'] / 1e9:>9.1f}" if row["macs"] and n != "unfolded" else ""
             print(f"{names[n]:<44}{st['median']:>14.3f}{st['min']:>9.3f}{st['max']:>9.3f}{st['n']:>4}{rate}")
         st = row["svdlite/diffusers"]
-        print(f"{'svdlite/diffusers time (per round, median)':<44}{st['median']:>14.3f}{st['min']:>9.3f}{st['max']:>9.3f}")
+        print(f"{'svdlite/diffusers time (per round, median)':<44}{st['median']:>14.3f}{st['min']:>9.3f}"
+              f"{st['max']:>9.3f}")
         if "unfolded/svdlite" in row["ratios"]:
             st = row["ratios"]["unfolded/svdlite"]
-            print(f"{'unfolded/svdlite time (>1: fold faster)':<44}{st['median']:>14.3f}{st['min']:>9.3f}{st['max']:>9.3f}")
+            print(f"{'unfolded/svdlite time (>1: fold faster)':<44}{st['median']:>14.3f}{st['min']:>9.3f}"
+                  f"{st['max']:>9.3f}")
         if row["macs"]:
             print(f"MACs per evaluation (tools/count_macs.py): {row['macs'] / 1e9:.1f} G; svdlite at "
                   f"{row['svdlite_fraction_of_roofline']:.0%} of the roofline")

@@ -326,7 +326,8 @@ def print_table(rows: list[dict], preset: str, steps_source: str) -> None:
           " conditional-only calls)\n")
     for r in rows:
         if r["component"] != "unet":
-            print(f"{r['mode']:<30}{r['params']:>15,}  {_t(r['macs_per_video']):>8} T MACs once per video  ({r['what']})")
+            print(f"{r['mode']:<30}{r['params']:>15,}  {_t(r['macs_per_video']):>8} T MACs once per video  "
+                  f"({r['what']})")
     total = {r["mode"]: r["macs_per_video"] for r in rows if r["component"] != "unet"}
     print(f"{'(VAE + CLIP total)':<23}{'':>15}  {_t(sum(total.values())):>8} T MACs per video\n")
     print(f"Paper (VCUT) claims, for a {CLAIM_FRAMES}-frame video: 50M fewer parameters, up to 322T fewer MACs per"

@@ -16,12 +16,9 @@ import sys
 from pathlib import Path
 
 import torch
+from svdlite.outputs import add_force, atomic_file, atomic_folder, check_outputs
 from safetensors.torch import save_file
 
-TOOLS = Path(__file__).resolve().parent
-if str(TOOLS) not in sys.path:  # run as a script the folder is there; loaded from its path (tests) it is not
-    sys.path.append(str(TOOLS))
-from _tool_output import add_force, atomic_file, atomic_folder, check_outputs  # noqa: E402
 
 CONFIG = dict(
     sample_size=8, in_channels=8, out_channels=4,

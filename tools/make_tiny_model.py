@@ -26,11 +26,9 @@ from svdlite.convert import write_svdlite
 from svdlite.testing import random_tensors
 from svdlite.unet import UNetConfig, VideoUNet
 from svdlite.vae import ConditionEncoder, VAEConfig, VideoDecoder
+from svdlite.outputs import add_force, check_outputs
 
 TOOLS = Path(__file__).resolve().parent
-if str(TOOLS) not in sys.path:  # run as a script the folder is there; loaded from its path (tests) it is not
-    sys.path.append(str(TOOLS))
-from _tool_output import add_force, check_outputs  # noqa: E402
 
 UNET = UNetConfig(model_channels=32, channel_mult=(1, 1, 1, 1), num_head_channels=16, context_dim=64)
 VAE = VAEConfig(ch=32, ch_mult=(1, 1, 1, 1))

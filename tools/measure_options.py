@@ -46,11 +46,8 @@ from svdlite.plan import SPEED_LEVELS, speed_options
 from svdlite.testing import random_tensors
 from svdlite.unet import UNetConfig, VideoUNet
 from svdlite.vae import ConditionEncoder, VAEConfig, VideoDecoder
+from svdlite.outputs import add_force, check_outputs
 
-TOOLS = Path(__file__).resolve().parent
-if str(TOOLS) not in sys.path:  # run as a script the folder is there; loaded from its path (tests) it is not
-    sys.path.append(str(TOOLS))
-from _tool_output import add_force, check_outputs  # noqa: E402
 
 EXAMPLE = Path(svdlite.__file__).parent / "assets" / "example.png"
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -188,15 +185,16 @@ def _fmt_psnr(v: float) -> str:
 
 def print_table(r: dict, command: str, real_command: str, what: str) -> None:
     print(f"command: {command}")
-    print(f"model: {r['source']} (preset {r['preset']}: guidance {r['min_guidance_scale']} -> {r['max_guidance_scale']} "
-          f"over the frames)")
-    print(f"{r['num_frames']} frames, {r['height']}x{r['width']} px, {r['num_inference_steps']} steps, seed {r['seed']}, "
-          f"{r['dtype']} on {r['device']}, image {r['image']}; {r['rounds']} round(s), exact run "
+    print(f"model: {r['source']} (preset {r['preset']}: guidance {r['min_guidance_scale']} -> "
+          f"{r['max_guidance_scale']} over the frames)")
+    print(f"{r['num_frames']} frames, {r['width']}x{r['height']} px (width x height), "
+          f"{r['num_inference_steps']} steps, seed {r['seed']}, {r['dtype']} on {r['device']}, image {r['image']}; "
+          f"{r['rounds']} round(s), exact run "
           f"{r['exact_seconds']:.1f}s wall / {r['exact_cpu_seconds']:.1f}s CPU (median); load average "
           f"{', '.join(f'{v:.1f}' for v in r['load_average'])}")
     print("every row is compared with the exact run (no option) with the same seed and settings\n")
-    header = (f"{'variant':<26}{'steps':>6}{'g+c evals':>10}{'F3 skip':>8}{'reuse':>6}{'CPU ratio':>10}{'wall ratio':>11}"
-              f"{'latents rel L2':>16}{'frames max|d|':>14}{'PSNR dB':>9}{'worst frame':>12}")
+    header = (f"{'variant':<26}{'steps':>6}{'g+c evals':>10}{'F3 skip':>8}{'reuse':>6}{'CPU ratio':>10}"
+              f"{'wall ratio':>11}{'latents rel L2':>16}{'frames max|d|':>14}{'PSNR dB':>9}{'worst frame':>12}")
     print(header)
     print("-" * len(header))
     for row in r["rows"]:

@@ -16,11 +16,8 @@ import tempfile
 from pathlib import Path
 
 import torch
+from svdlite.outputs import add_force, check_outputs, write_text
 
-TOOLS = Path(__file__).resolve().parent
-if str(TOOLS) not in sys.path:  # run as a script the folder is there; loaded from its path (tests) it is not
-    sys.path.append(str(TOOLS))
-from _tool_output import add_force, check_outputs, write_text  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 IMAGE = REPO / "svdlite" / "assets" / "example.png"
