@@ -114,6 +114,48 @@ def _square(c: Mapping[str, Any], name: str) -> int:
     return value
 
 
+class TorchvisionMismatchError(RuntimeError):
+    """torchvision, which open_clip imports, was built for another torch than the one installed."""
+
+
+PYTORCH_VERSIONS_PAGE = "https://pytorch.org/get-started/previous-versions/"
+
+
+def _installed_version(package: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return "(not found)"
+
+
+def torchvision_mismatch_message(err: BaseException) -> str:
+    """What to do when torchvision's import fails because it was built for another torch."""
+    torch_version, torchvision_version = _installed_version("torch"), _installed_version("torchvision")
+    build = f" ({torch.__version__})" if torch.__version__ != torch_version else ""
+    return (f"cannot import open_clip (svdlite builds the CLIP image encoder with it): the installed torchvision "
+            f"{torchvision_version} was built for another torch than the installed torch {torch_version}{build} "
+            f"(importing torchvision failed: {' '.join(str(err).split())}). Install the torchvision release built "
+            f"for torch {torch_version}, from the same index as torch (pip install torch=={torch_version} "
+            f"torchvision==<that release>, a matching pair; see {PYTORCH_VERSIONS_PAGE})")
+
+
+def _open_clip_tower_builder():
+    """open_clip's (CLIPVisionCfg, _build_vision_tower), imported on first use: open_clip scans its model configs
+    when imported, so it is not imported with the package. A torchvision built for another torch fails inside that
+    import (torchvision registers its operators against torch's); that failure is a TorchvisionMismatchError naming
+    both installed versions."""
+    try:
+        from open_clip.model import CLIPVisionCfg, _build_vision_tower
+    except RuntimeError as err:
+        text = str(err)
+        if "torchvision::" in text or "torchvision versions are incompatible" in text:
+            raise TorchvisionMismatchError(torchvision_mismatch_message(err)) from err
+        raise
+    return CLIPVisionCfg, _build_vision_tower
+
+
 def build_image_encoder(config: CLIPVisionConfig = CLIPVisionConfig()) -> nn.Module:
     """An empty open_clip `VisionTransformer` built as sgm builds ViT-H/14; use it under `torch.device("meta")`.
 
@@ -122,9 +164,7 @@ def build_image_encoder(config: CLIPVisionConfig = CLIPVisionConfig()) -> nn.Mod
     the plain class-token embedding sgm's `FrozenOpenCLIPImageEmbedder` takes from `model.visual(img)`; the
     settings that would change that are checked after construction.
     """
-    # open_clip scans its model configs when imported, so it is imported here, not at package import.
-    from open_clip.model import CLIPVisionCfg, _build_vision_tower
-
+    CLIPVisionCfg, _build_vision_tower = _open_clip_tower_builder()
     cfg = CLIPVisionCfg(layers=config.layers, width=config.width, head_width=config.head_dim,
                         mlp_ratio=config.mlp_ratio, patch_size=config.patch_size, image_size=config.image_size)
     visual = _build_vision_tower(config.output_dim, cfg, quick_gelu=False, cast_dtype=None)

@@ -7,6 +7,7 @@ from an original single file, a diffusers pipeline folder or an svdlite file thr
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
@@ -14,8 +15,9 @@ from tqdm.auto import tqdm
 
 from . import clip_keymap, vae_keymap
 from .clip import CLIPVisionConfig, build_image_encoder
-from .loading import (SVDLITE_FORMAT, CheckpointError, Entry, TensorSource, detect_unet_format, diffusers_unet_files,
-                      gc_paused, load_planned, mark_stored_blend, state_shapes, unet_file_keys, unet_plan)
+from .loading import (SAFETENSORS_DTYPES, SVDLITE_FORMAT, CheckpointError, Entry, TensorSource, detect_unet_format,
+                      diffusers_unet_files, gc_paused, load_planned, mark_stored_blend, state_shapes, unet_file_keys,
+                      unet_plan)
 from .checks import resolve_device, resolve_dtype
 from .presets import PRESETS
 from .unet import UNetConfig, VideoUNet
@@ -177,44 +179,64 @@ def _with_prefix(keys, prefix: str) -> set[str]:
     return {k for k in keys if k.startswith(prefix)}
 
 
+def component_scope(ms: ModelSource, component: str) -> set[str]:
+    """The file keys that belong to a component (those it reads, and those of it deliberately left unread)."""
+    keys, fmt = ms.files[component].keys(), ms.fmt
+    if fmt == SVDLITE_FORMAT:
+        return _with_prefix(keys, SVDLITE_PREFIXES[component])
+    if component == "unet":
+        return unet_file_keys(fmt, keys)
+    if component == "vae_encoder":
+        if fmt == "original":
+            return _with_prefix(keys, vae_keymap.ENCODER_PREFIX) | _with_prefix(keys, vae_keymap.QUANT_CONV_PREFIX)
+        return _with_prefix(keys, "encoder.") | _with_prefix(keys, "quant_conv.")
+    if component == "vae_decoder":
+        if fmt == "original" and ms.frame_decoder:  # `decoder.*` and `post_quant_conv.*` under first_stage_model.
+            return (_with_prefix(keys, vae_keymap.DECODER_PREFIX)
+                    | _with_prefix(keys, vae_keymap.FRAME_DECODER_PREFIX + "post_quant_conv."))
+        return _with_prefix(keys, vae_keymap.DECODER_PREFIX if fmt == "original" else "decoder.")
+    if component == "image_encoder":
+        return _with_prefix(keys, clip_keymap.ORIGINAL_PREFIX) if fmt == "original" else set(keys)
+    raise ValueError(f"unknown component {component!r}; expected one of {COMPONENTS}")
+
+
 def component_plan(ms: ModelSource, component: str, ours: dict[str, tuple[int, ...]]) -> tuple[dict, set, set]:
     """(read plan, the file keys that belong to this component, keys deliberately not read) for the component's
     module whose `loading.state_shapes` are `ours`."""
-    keys, fmt = ms.files[component].keys(), ms.fmt
+    scope, fmt = component_scope(ms, component), ms.fmt
     if fmt == SVDLITE_FORMAT:
         prefix = SVDLITE_PREFIXES[component]
-        return {k: Entry((prefix + k,)) for k in ours}, _with_prefix(keys, prefix), set()
+        return {k: Entry((prefix + k,)) for k in ours}, scope, set()
     if component == "unet":
         plan, ignored = unet_plan(fmt, ms.unet_config, ours)
-        return plan, unet_file_keys(fmt, keys), ignored
+        return plan, scope, ignored
     if component == "vae_encoder":
-        table = vae_keymap.encoder_key_map(ms.vae_config)
         if fmt == "original":
             names = {k: (vae_keymap.ENCODER_PREFIX + k[len("encoder."):] if k.startswith("encoder.")
                          else vae_keymap.QUANT_CONV_PREFIX + k[len("quant_conv."):]) for k in ours}
-            scope = _with_prefix(keys, vae_keymap.ENCODER_PREFIX) | _with_prefix(keys, vae_keymap.QUANT_CONV_PREFIX)
             return {k: Entry((v,)) for k, v in names.items()}, scope, set()
+        table = vae_keymap.encoder_key_map(ms.vae_config)
         plan = {k: Entry(("encoder." + table[k[len("encoder."):]] if k.startswith("encoder.") else k,),
                          _reshape(k[len("encoder."):])) for k in ours}
-        return plan, _with_prefix(keys, "encoder.") | _with_prefix(keys, "quant_conv."), set()
+        return plan, scope, set()
     if component == "vae_decoder":
-        if fmt == "original" and ms.frame_decoder:  # `decoder.*` and `post_quant_conv.*` under first_stage_model.
-            prefix = vae_keymap.FRAME_DECODER_PREFIX
-            scope = _with_prefix(keys, vae_keymap.DECODER_PREFIX) | _with_prefix(keys, prefix + "post_quant_conv.")
+        if fmt == "original":
+            prefix = vae_keymap.FRAME_DECODER_PREFIX if ms.frame_decoder else vae_keymap.DECODER_PREFIX
             return {k: Entry((prefix + k,)) for k in ours}, scope, set()
-        if fmt == "original":
-            return ({k: Entry((vae_keymap.DECODER_PREFIX + k,)) for k in ours},
-                    _with_prefix(keys, vae_keymap.DECODER_PREFIX), set())
         table = vae_keymap.decoder_key_map(ms.vae_config)
-        return {k: Entry(("decoder." + table[k],), _reshape(k)) for k in ours}, _with_prefix(keys, "decoder."), set()
-    if component == "image_encoder":
-        if fmt == "original":
-            return ({k: Entry((clip_keymap.ORIGINAL_PREFIX + k,)) for k in ours},
-                    _with_prefix(keys, clip_keymap.ORIGINAL_PREFIX), set())
-        plan = {ours_key: Entry(theirs, None if kind == "copy" else clip_keymap.combiner(kind))
-                for ours_key, theirs, kind in clip_keymap.key_table(ms.clip_config)}
-        return plan, set(keys), set(clip_keymap.IGNORED_TRANSFORMERS_KEYS)
-    raise ValueError(f"unknown component {component!r}; expected one of {COMPONENTS}")
+        return {k: Entry(("decoder." + table[k],), _reshape(k)) for k in ours}, scope, set()
+    # image_encoder
+    if fmt == "original":
+        return {k: Entry((clip_keymap.ORIGINAL_PREFIX + k,)) for k in ours}, scope, set()
+    plan = {ours_key: Entry(theirs, None if kind == "copy" else clip_keymap.combiner(kind))
+            for ours_key, theirs, kind in clip_keymap.key_table(ms.clip_config)}
+    return plan, scope, set(clip_keymap.IGNORED_TRANSFORMERS_KEYS)
+
+
+def component_bytes(ms: ModelSource, component: str) -> int:
+    """The size of a component's tensors in its file (`component_scope`), read from the header."""
+    src = ms.files[component]
+    return sum(src.nbytes(k) for k in component_scope(ms, component))
 
 
 def _reshape(key: str):
@@ -240,20 +262,22 @@ def build_component(component: str, ms: ModelSource, fold_cross_attention: bool 
         return build_image_encoder(ms.clip_config)
 
 
-def load_component(ms: ModelSource, component: str, *, device="cpu", dtype=torch.float32) -> nn.Module:
+def load_component(ms: ModelSource, component: str, *, device="cpu", dtype=torch.float32,
+                   on_read: Callable[[int], None] | None = None) -> nn.Module:
+    """One component, loaded strictly; on_read(bytes) reports the reading in steps (`loading.load_planned`)."""
     if component == "unet":  # its ~27k objects built with the collector paused (loading.gc_paused)
         with gc_paused():
-            return _load_component(ms, component, device=device, dtype=dtype)
-    return _load_component(ms, component, device=device, dtype=dtype)
+            return _load_component(ms, component, device=device, dtype=dtype, on_read=on_read)
+    return _load_component(ms, component, device=device, dtype=dtype, on_read=on_read)
 
 
-def _load_component(ms: ModelSource, component: str, *, device, dtype) -> nn.Module:
+def _load_component(ms: ModelSource, component: str, *, device, dtype, on_read) -> nn.Module:
     model = build_component(component, ms)
     shapes = state_shapes(model)
     plan, scope, ignored = component_plan(ms, component, shapes)
     label = f"{ms.fmt}-format {component} ({ms.path})"
     model = load_planned(model, ms.files[component], plan, scope=scope, ignored=ignored, dtype=dtype, device=device,
-                         label=label, shapes=shapes)
+                         label=label, shapes=shapes, on_read=on_read)
     if component == "unet":
         return mark_stored_blend(model, ms.files["unet"])
     return model
@@ -272,34 +296,75 @@ def resolve_model_path(model, token: str | None = None) -> tuple[Path, str | Non
     return path, None
 
 
-# each component's share of the parameters SVD loads (1.47B UNet, 34M encoder, 64M decoder, 632M CLIP), in percent:
-# the progress bar's steps, whose time-left estimate then follows the reading
-LOAD_SHARE = {"unet": 67, "vae_encoder": 2, "vae_decoder": 3, "image_encoder": 28}
-
-
 def load_model(model="svd-xt", *, device="auto", dtype="auto", token: str | None = None,
                progress: bool = False) -> SVDModel:
     """Load all four components from a preset name, an original file, a diffusers folder or an svdlite file.
 
     Args:
-        device: "auto" (the first CUDA GPU when torch sees one, else the CPU) or a device.
-        dtype: the UNet's and CLIP's dtype; "auto" is float16 on a GPU and float32 on the CPU
-            (`checks.resolve_dtype`). The VAE runs in float32 whatever `dtype` is (as sgm disables autocast for
-            encoding and decoding).
-        progress: a progress bar over the components' parameters, with the time left.
+        model: a preset name (`svd`, `svd-xt`, `svd-xt-1.1`: downloaded once from Hugging Face; `tiny`: the
+            bundled random model), or the path of an original `.safetensors` file, a diffusers folder or an
+            svdlite file.
+        device: "auto" (the default: the first CUDA GPU when torch sees one, else the CPU; `checks.resolve_device`),
+            or a device: "cpu", "cuda", "cuda:N", "mps" or a torch.device.
+        dtype: the UNet's and CLIP's dtype: "auto" (the default: float16 on a CUDA or MPS GPU, what SVD is run in
+            there, and float32 on the CPU, where half precision is slower and less exact; `checks.resolve_dtype`),
+            or torch.float32, torch.float16 or torch.bfloat16. The VAE runs in float32 whatever `dtype` is (as sgm
+            disables autocast for encoding and decoding).
+        token: a Hugging Face token, for a gated preset (default: the `HF_TOKEN` environment variable or the
+            huggingface-cli login).
+        progress: show a progress bar on stderr (tqdm: "loading", the bytes of the components' tensors read, the
+            time left). It moves every few tensors, costing the loading nothing measurable.
     """
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
     path, preset = resolve_model_path(model, token)
     ms = open_model_source(path, preset)
     dtypes = {"unet": dtype, "vae_encoder": torch.float32, "vae_decoder": torch.float32, "image_encoder": dtype}
+    sizes = {component: component_bytes(ms, component) for component in dtypes} if progress else {}
     parts = {}
-    with tqdm(total=sum(LOAD_SHARE.values()), desc="loading", unit="%", disable=not progress) as bar:
+    with tqdm(total=sum(sizes.values()), desc="loading", unit="B", unit_scale=True, disable=not progress) as bar:
         for component, component_dtype in dtypes.items():
-            parts[component] = load_component(ms, component, device=device, dtype=component_dtype)
-            bar.update(LOAD_SHARE[component])
+            before = bar.n
+            parts[component] = load_component(ms, component, device=device, dtype=component_dtype,
+                                               on_read=bar.update if progress else None)
+            if progress:  # the tensors of the component's scope left unread (attn2's to_q and to_k in the UNet)
+                bar.update(max(0, before + sizes[component] - bar.n))
     return SVDModel(**parts, vae_config=ms.vae_config, clip_config=ms.clip_config, preset=ms.preset,
                     source=str(path))
+
+
+FORMAT_NAMES = {"original": "original (Stability AI's single file, as sgm writes it)",
+                "diffusers": "diffusers (a pipeline folder, or its unet/ alone)",
+                SVDLITE_FORMAT: "svdlite (svdlite's own file, as tools/convert_weights.py writes it)"}
+
+
+def describe_sampling(s) -> str:
+    """A preset's sampling defaults (`presets.SamplingConfig`) as a person reads them; sizes width x height."""
+    return (f"{s.num_frames} frames, {s.num_inference_steps} steps, guidance {float(s.min_guidance_scale)} -> "
+            f"{float(s.max_guidance_scale)}, {s.width}x{s.height} (width x height), {s.fps} fps, motion bucket "
+            f"{s.motion_bucket_id}, noise augmentation {s.noise_aug_strength}, decode chunk {s.decode_chunk_size}")
+
+
+def _metadata_lines(meta: dict[str, str]) -> list[str]:
+    """What an svdlite file's metadata says of where it comes from; a field left empty is "(not recorded)"."""
+    def value(key):
+        return meta.get(key) or "(not recorded)"
+
+    return [f"converted by: svdlite {value('svdlite_version')}, file format version {value('format_version')}",
+            f"stored dtype: {value('dtype')}", f"converted from: {value('source')}",
+            f"source sha256: {value('source_sha256')}"]
+
+
+def _stored_dtypes(src: TensorSource, keys) -> str:
+    """"float16", or "1300 float16, 28 float32" for a mixed set of tensors."""
+    counts: dict[str, int] = {}
+    for k in keys:
+        name = src.dtype(k)
+        counts[name] = counts.get(name, 0) + 1
+    names = {n: str(SAFETENSORS_DTYPES[n]).removeprefix("torch.") if n in SAFETENSORS_DTYPES else n for n in counts}
+    if len(counts) == 1:
+        return names[next(iter(counts))]
+    return ", ".join(f"{c} {names[n]}" for n, c in sorted(counts.items(), key=lambda item: -item[1]))
 
 
 def describe(model) -> list[str]:
@@ -310,21 +375,20 @@ def describe(model) -> list[str]:
         from .hub import COMPONENT_FILES
         p = PRESETS[model]
         files = ", ".join(f"{folder}/{names[0]}" for folder, names, _ in COMPONENT_FILES)
-        return [f"preset: {p.name} (Hugging Face {p.repo_id}{', gated' if p.gated else ''})",
+        gated = ", gated: accept its license there, then set HF_TOKEN" if p.gated else ""
+        return [f"preset: {p.name} (Hugging Face {p.repo_id}{gated})",
                 f"downloads: {files} (+ config.json each; fp32 files where no fp16 variant exists)",
-                f"original single file: {p.single_file}", f"sampling defaults: {p.sampling}",
+                f"original single file: {p.single_file}", f"sampling defaults: {describe_sampling(p.sampling)}",
                 "run `svdlite info PATH` on a downloaded or local checkpoint for its tensors and parameters"]
     path, preset = resolve_model_path(model)
     ms = open_model_source(path, preset, require_all=False)
-    lines = [f"checkpoint: {path}", f"format: {ms.fmt}", f"preset: {ms.preset} (sampling defaults: "
-             f"{PRESETS[ms.preset].sampling})"]
+    lines = [f"checkpoint: {path}", f"format: {FORMAT_NAMES[ms.fmt]}", f"preset: {ms.preset}",
+             f"sampling defaults: {describe_sampling(PRESETS[ms.preset].sampling)}"]
     if ms.frame_decoder:
         lines.append("VAE decoder: the *_image_decoder variant's 2-D decoder, run on each frame alone (no temporal "
                      "layers: frames are decoded without temporal smoothing)")
-    meta = ms.files["unet"].metadata
-    for key in ("format_version", "svdlite_version", "source_sha256", "source"):
-        if key in meta:
-            lines.append(f"{key}: {meta[key]}")
+    if ms.fmt == SVDLITE_FORMAT:
+        lines += _metadata_lines(ms.files["unet"].metadata)
     total_file, total_loaded, incomplete = 0, 0, []
     for component in COMPONENTS:
         if component not in ms.files:
@@ -343,8 +407,8 @@ def describe(model) -> list[str]:
         in_file = sum(torch.Size(src.shape(k)).numel() for k in scope)
         loaded = sum(torch.Size(shape).numel() for shape in shapes.values())
         total_file, total_loaded = total_file + in_file, total_loaded + loaded
-        lines.append(f"{component}: {len(scope)} tensors, {in_file:,} parameters in the file; svdlite loads "
-                     f"{loaded:,} from {len({s for e in plan.values() for s in e.sources})} tensors")
+        lines.append(f"{component}: {len(scope)} tensors ({_stored_dtypes(src, scope)}), {in_file:,} parameters "
+                     f"in the file; svdlite loads {loaded:,} from {len(needed)} tensors")
     lines.append(f"total: {total_file:,} parameters in the components' tensors; {total_loaded:,} loaded")
     lines.append(f"complete: no, {', '.join(incomplete)} missing; generation needs all four components" if incomplete
                  else "complete: yes, every tensor generation reads is there (shapes are checked when loading)")

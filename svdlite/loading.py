@@ -14,7 +14,6 @@ import contextlib
 import gc
 import json
 import mmap
-import struct
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +23,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from .checkpoint_file import FLOAT_DTYPES, CheckpointError, check_safetensors_file
+from .checkpoint_file import EXPECTED, FLOAT_DTYPES, CheckpointError, read_header
 from .unet import UNetConfig, VideoUNet
 from .unet_keymap import (ORIGINAL_PREFIX, diffusers_unet_names, fold_sources, original_unet_keys,
                           unet_config_from_diffusers)
@@ -45,6 +44,7 @@ READ_BUFFER_BYTES = 32 << 20  # converted reads go piecewise: at most this much 
 # outputs agree to float32 rounding, not always to the bit (some CPU kernels round differently on differently
 # aligned weights: a 1x1 convolution at one thread, 1.3e-6; tests/test_loading.py).
 ALIGNMENT = 64
+PROGRESS_BYTES = 16 << 20  # `load_planned` reports its reads to a progress bar in steps of about this many bytes
 
 
 class TensorSource:
@@ -58,21 +58,25 @@ class TensorSource:
         for f in files:
             if not f.is_file():
                 raise CheckpointError(f"{f}: no such file")
-            check_safetensors_file(f)  # pickles, truncated files, corrupt headers: named before safe_open
+            header, base = read_header(f)  # not safetensors, truncated, corrupt: named before safe_open
+            self._layout.update(_layout(header, base))
             try:
                 h = self._handles[f] = safe_open(str(f), framework="pt")
                 self.metadata.update(h.metadata() or {})
                 self.key_file.update({k: f for k in h.keys()})
-                self._layout.update(_safetensors_layout(f))
             except (SafetensorError, OSError, ValueError, RuntimeError, KeyError) as err:
-                raise CheckpointError(f"{f} is not a readable safetensors file ({err}); svdlite reads .safetensors "
-                                      "checkpoints only (original single file, diffusers folder or converted)") from err
+                raise CheckpointError(f"{f} is not a readable safetensors file ({err}); {EXPECTED}") from err
 
     def keys(self) -> set[str]:
         return set(self.key_file)
 
     def shape(self, key: str) -> tuple[int, ...]:
         return self._layout[key][1]
+
+    def nbytes(self, key: str) -> int:
+        """The tensor's size in the file, in bytes."""
+        _, _, start, end = self._layout[key]
+        return end - start
 
     def dtype(self, key: str) -> str:
         """The stored dtype, as safetensors names it (F32, F16, BF16, I64, ...)."""
@@ -148,12 +152,9 @@ class TensorSource:
         self._maps.clear()
 
 
-def _safetensors_layout(path: Path) -> dict[str, tuple[str, tuple[int, ...], int, int]]:
-    """{key: (dtype name, shape, first byte, end byte)} from a safetensors header (u64 length + JSON)."""
-    with open(path, "rb") as fh:
-        (length,) = struct.unpack("<Q", fh.read(8))
-        header = json.loads(fh.read(length))
-    base = 8 + length
+def _layout(header: dict, base: int) -> dict[str, tuple[str, tuple[int, ...], int, int]]:
+    """{key: (dtype name, shape, first byte, end byte)} from a checked safetensors header (`read_header`) whose
+    data starts at byte `base`."""
     return {k: (v["dtype"], tuple(v["shape"]), base + v["data_offsets"][0], base + v["data_offsets"][1])
             for k, v in header.items() if k != "__metadata__"}
 
@@ -165,7 +166,11 @@ def diffusers_unet_files(folder: Path) -> list[Path] | None:
             return [unet / name]
         index = unet / (name + ".index.json")
         if index.is_file():
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            try:
+                shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            except (ValueError, KeyError, TypeError, AttributeError) as err:
+                raise CheckpointError(f"{index} is not a readable shard index (JSON whose weight_map names the "
+                                      f"shard files; {err!r}); download or copy it again") from err
             return [unet / s for s in shards]
     return None
 
@@ -279,12 +284,14 @@ def state_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
 
 def load_planned(model: nn.Module, src: TensorSource, plan: dict[str, Entry], *, scope: set[str],
                  ignored: set[str] = frozenset(), dtype: torch.dtype, device, label: str,
-                 shapes: dict[str, tuple[int, ...]]) -> nn.Module:
+                 shapes: dict[str, tuple[int, ...]], on_read: Callable[[int], None] | None = None) -> nn.Module:
     """Strictly load `model` (built on the meta device) from `src` following `plan`, in eval mode, no gradients.
 
     scope: the file's keys that belong to this component; any not in the plan and not deliberately `ignored`
     is unexpected. All problems are collected and raised as one CheckpointError naming the keys.
     shapes: `state_shapes(model)`, which the caller has already made its plan from.
+    on_read: called with the file bytes read so far since its last call, every PROGRESS_BYTES or so and once at
+    the end (a progress bar's update).
     """
     expected = shapes
     if set(plan) != set(expected):
@@ -318,11 +325,19 @@ def load_planned(model: nn.Module, src: TensorSource, plan: dict[str, Entry], *,
         raise CheckpointError(f"{len(not_float)} tensors of {label} are not floating point, expected F32, F16 or "
                               f"BF16: {_fmt_keys(not_float)}")
     state, work = {}, torch.promote_types(dtype, torch.float32)  # combined tensors: computed in >= float32
+    pending = 0
     for key, entry in plan.items():
         if entry.combine is None:
             state[key] = src.get(entry.sources[0], dtype, device)
         else:
             state[key] = entry.combine(*(src.get(s, work, device) for s in entry.sources)).to(dtype)
+        if on_read is not None:
+            pending += sum(src.nbytes(s) for s in entry.sources)
+            if pending >= PROGRESS_BYTES:
+                on_read(pending)
+                pending = 0
+    if on_read is not None and pending:
+        on_read(pending)
     src.release_buffer()
     left = assign_state(model, state)
     if left:

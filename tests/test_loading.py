@@ -142,3 +142,20 @@ def test_video_res_block_blend_is_sgms_blend():
         assert torch.equal(folded.branch_scale(indicators[1]), 1 - indicators[1])
         for ind in indicators:
             torch.testing.assert_close(folded(x, emb, 3, ind), block(x, emb, 3, ind), rtol=1e-6, atol=1e-6)
+
+
+def test_reads_are_reported_in_steps_that_add_up_to_the_bytes_read(tmp_path, monkeypatch):
+    """`load_planned(on_read=...)`, a progress bar's update: called about every PROGRESS_BYTES, and the calls
+    add up to the file bytes of every tensor read (the two attn2 tensors of a folded entry both count)."""
+    path = tmp_path / "svd.safetensors"
+    write_original_unet(path, TINY, seed=5, dtype=torch.float16)
+    quiet = load_unet(path, TINY, dtype=torch.float32)
+    monkeypatch.setattr(loading, "PROGRESS_BYTES", 4096)
+    calls = []
+    real = loading.load_planned
+    monkeypatch.setattr(loading, "load_planned", lambda *a, **k: real(*a, **k, on_read=calls.append))
+    model, src = load_unet(path, TINY, dtype=torch.float32, return_source=True)
+    assert sum(calls) == sum(src.nbytes(k) for k in src.reads) and len(calls) > 10
+    assert all(n >= 4096 for n in calls[:-1]) and 0 < calls[-1]
+    assert all(torch.equal(a, b) for a, b in zip(quiet.state_dict().values(), model.state_dict().values()))
+    assert src.nbytes(ORIGINAL_PREFIX + "out.2.bias") == 2 * TINY.out_channels  # float16: 2 bytes per value
