@@ -163,12 +163,15 @@ def _progress(args) -> bool:
 
 def _run_checks(args) -> None:
     """The checks of the model name, device and thread count: before any model loads."""
+    from .checkpoint_file import check_safetensors_file
     from .checks import resolve_device
     from .components import resolve_model_path
     from .presets import PRESETS
 
     if args.model not in PRESETS:
-        resolve_model_path(args.model)  # a path that does not exist is refused here (a preset downloads later)
+        path, _ = resolve_model_path(args.model)  # a path that does not exist is refused here (presets download later)
+        if path.is_file():
+            check_safetensors_file(path)  # a file that is not a complete safetensors checkpoint, from its header
     resolve_device(args.device)
     if args.threads is not None and args.threads < 1:
         raise ValueError(f"--threads must be a positive int, got {args.threads}")

@@ -126,7 +126,7 @@ def test_info_on_a_preset_does_not_download(monkeypatch):
 
     monkeypatch.setattr("huggingface_hub.hf_hub_download", lambda *a, **k: pytest.fail("info downloaded"))
     text = "\n".join(describe("svd-xt-1.1"))
-    assert "stabilityai/stable-video-diffusion-img2vid-xt-1-1, gated" in text and "num_frames=25" in text
+    assert "stabilityai/stable-video-diffusion-img2vid-xt-1-1, gated" in text and "25 frames" in text
 
 
 @pytest.mark.parametrize("dtype,bound", [(torch.float16, 2e-2), (torch.bfloat16, 1e-1)])
