@@ -40,6 +40,8 @@ def make(kind: str, tmp: Path) -> Path:
     path = tmp / kind
     if kind == "text.png":
         path.write_text("not an image")
+    elif kind == "photo.jpg":
+        Image.open(EXAMPLE).convert("RGB").save(path, format="JPEG")
     elif kind == "empty.png":
         path.write_bytes(b"")
     elif kind == "truncated.png":
@@ -128,6 +130,8 @@ ROWS = [
     ("unrelated", "a file of unrelated tensors (a LoRA)", "info {bad}", "no SVD UNet found"),
     ("sd15", "a Stable Diffusion image checkpoint", "info {bad}", "it is a Stable Diffusion image UNet, not Stable Video Diffusion"),
     ("diffusers", "a diffusers folder without vae/ and image_encoder/", "generate {example} -o {out} --model {bad}", "is not a complete diffusers SVD folder: no weights in vae/, image_encoder/"),
+    ("image as model", "a photo passed as --model", "generate {example} -o {out} --model {bad}", "is not a safetensors checkpoint (a JPEG image, first bytes ff d8 ff"),
+    ("image info", "svdlite info on a photo", "info {bad}", "is not a safetensors checkpoint (a JPEG image"),
     ("no model", "a model that is neither a file nor a preset", "generate {example} -o {out} --model nope", "no such file or folder, and not a preset"),
 ]
 BAD = {"not an image": "text.png", "empty image": "empty.png", "truncated image": "truncated.png",
@@ -135,7 +139,8 @@ BAD = {"not an image": "text.png", "empty image": "empty.png", "truncated image"
        "output folder": "folder.mp4", "no folder": "nofolder", "zip pickle": "model.ckpt",
        "raw pickle": "model.pkl.bin", "truncated ckpt": "half.safetensors", "corrupt header": "header.safetensors",
        "bad offsets": "sizes.safetensors", "int tensors": "ints.safetensors", "no clip": "noclip.safetensors",
-       "unrelated": "lora.safetensors", "sd15": "sd15.safetensors", "diffusers": "diffusers"}
+       "unrelated": "lora.safetensors", "sd15": "sd15.safetensors", "diffusers": "diffusers",
+       "image as model": "photo.jpg", "image info": "photo.jpg"}
 LOADS_CHECKPOINT = {"int tensors"}  # refused while loading (tensor dtypes are read from the header), before sampling
 
 
