@@ -7,6 +7,7 @@ noise augmentation, then the initial latents. The run's settings and options are
 before the model loads and resolved against it once.
 """
 import math
+import warnings
 from pathlib import Path
 
 import torch
@@ -17,6 +18,7 @@ from .components import SVDModel, load_model
 from .conditioning import condition
 from .denoiser import make_denoiser
 from .image import open_image
+from .memory import decode_chunk_for, gpu_free_bytes
 from .offload import check_offload, placed
 from .presets import SamplingConfig
 from .run import Run, RunSpec
@@ -118,7 +120,14 @@ def make_videos(model: SVDModel, images: list, run: Run, seeds: list, generators
         checks.check_finite(x, "the latents after sampling", f"the UNet ran in {dtype}: try float32 (CLI: --dtype "
                             "fp32) or bf16, and check the UNet weights for NaN/inf")
         with placed([model.vae_decoder], dev, offload_to is not None):
-            decoded = decode(model, x, t, s.decode_chunk_size, progress)
+            chunk = s.decode_chunk_size
+            if run.spec.decode_chunk_size is None:  # not given: what the GPU's free memory allows (memory.py)
+                chunk = decode_chunk_for(gpu_free_bytes(dev), s.height, s.width, chunk)
+                if chunk < s.decode_chunk_size:
+                    warnings.warn(f"decoding {chunk} frame(s) at a time instead of {s.decode_chunk_size}: the GPU has "
+                                  f"{gpu_free_bytes(dev) / 2**30:.1f} GiB free; pass decode_chunk_size (CLI: "
+                                  "--decode-chunk-size) to choose", stacklevel=3)
+            decoded = decode(model, x, t, chunk, progress)
         checks.check_finite(decoded, "the decoded frames", "the VAE decoder (float32) produced them from finite "
                             "latents: its weights hold NaN/inf (corrupt file?)")
         frames = to_uint8_frames(decoded)

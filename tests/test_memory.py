@@ -1,0 +1,45 @@
+"""The decode chunk chosen from the memory accounting when none is given: the preset's when the GPU has room, fewer
+frames (and a warning) when it has not, never fewer than 1, and never a change when the user gave a chunk size. The
+machine has no GPU: the free memory is faked through `svdlite.pipeline.gpu_free_bytes`."""
+import pytest
+import torch
+
+from svdlite import generate, load_model
+from svdlite.memory import DECODE_BYTES_PER_PIXEL_FRAME, HEADROOM, decode_chunk_for
+
+SMALL = dict(num_frames=6, num_inference_steps=1, height=64, width=64)
+PER_FRAME = DECODE_BYTES_PER_PIXEL_FRAME * 64 * 64
+
+
+def test_chunk_arithmetic():
+    gib = 2**30
+    # SVD-XT at 1024x576 (docs/memory.md: 1.68 GiB per chunk frame): 14 frames need ~23.5 GiB
+    assert decode_chunk_for(None, 576, 1024, 14) == 14  # the CPU: the preset's
+    assert decode_chunk_for(80 * gib, 576, 1024, 14) == 14
+    assert decode_chunk_for(8 * gib, 576, 1024, 14) == int(8 * gib * HEADROOM // (3060 * 576 * 1024)) == 4
+    assert decode_chunk_for(1, 576, 1024, 14) == 1
+    assert 1.6 < DECODE_BYTES_PER_PIXEL_FRAME * 576 * 1024 / gib < 1.75
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return load_model("tiny", device="cpu", dtype=torch.float32)
+
+
+def decoded_chunks(monkeypatch, tiny, free, **options):
+    chunks = []
+    original = tiny.vae_decoder.forward
+    monkeypatch.setattr(tiny.vae_decoder, "forward", lambda z, n: (chunks.append(n), original(z, n))[1])
+    monkeypatch.setattr("svdlite.pipeline.gpu_free_bytes", lambda device: free)
+    video = generate("svdlite/assets/example.png", model=tiny, seed=0, progress=False, **SMALL, **options)
+    return chunks, video
+
+
+def test_decode_chunk_follows_free_memory(monkeypatch, tiny):
+    chunks, plain = decoded_chunks(monkeypatch, tiny, None)  # the preset's chunk (tiny: 6 frames at once)
+    assert chunks == [6]
+    with pytest.warns(UserWarning, match="decoding 2 frame\\(s\\) at a time instead of 6"):
+        chunks, small = decoded_chunks(monkeypatch, tiny, int(2.5 * PER_FRAME / HEADROOM))
+    assert chunks == [2, 2, 2] and torch.equal(plain.latents, small.latents)
+    chunks, given = decoded_chunks(monkeypatch, tiny, 1, decode_chunk_size=3)  # given: kept, whatever is free
+    assert chunks == [3, 3]
