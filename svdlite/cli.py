@@ -65,6 +65,21 @@ def _parser() -> argparse.ArgumentParser:
                        description="Print a checkpoint's format, components, parameter counts and preset, and "
                                    "whether it holds everything generation needs.")
     i.add_argument("checkpoint", help="a .safetensors file, a diffusers folder or a preset name (not downloaded)")
+    u = add_subcommand(sub, "ui", _ui, help="a web page to make videos (needs the extra: pip install 'svdlite[ui]')",
+                       description="Load the model once and serve a web page (Gradio) to make videos with it, one "
+                                   "run at a time, and the same as one HTTP endpoint, /generate. Listens on "
+                                   "127.0.0.1 unless --host says otherwise; no share link.")
+    u.add_argument("--model", default="svd-xt", help="as for generate (default: svd-xt)")
+    u.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine "
+                                                       "only; 0.0.0.0 lets anyone who can reach it use the page)")
+    u.add_argument("--port", type=int, default=7860, help="port to listen on (default: 7860)")
+    u.add_argument("--device", default="auto", help="as for generate (default: auto)")
+    u.add_argument("--dtype", choices=DTYPES, default="auto", help="as for generate (default: auto)")
+    u.add_argument("--threads", type=int, help="CPU threads torch uses (default: torch's, one per core)")
+    u.add_argument("--output-dir", type=Path, help="folder for the finished videos (its videos/) and the page's "
+                                                   "uploads (its gradio/); nothing is written outside it (default: "
+                                                   "a new temporary folder, removed at exit)")
+    u.add_argument("-q", "--quiet", action="store_true", help="no progress bar while loading")
     return p
 
 
@@ -336,6 +351,12 @@ def _info(args) -> int:
     for line in describe(args.checkpoint):
         print(line)
     return 0
+
+
+def _ui(args) -> int:
+    from .ui import serve  # Gradio is imported there, only by this subcommand
+
+    return serve(args, check=_run_checks, load=_load)
 
 
 def main(argv=None) -> int:
