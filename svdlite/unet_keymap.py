@@ -177,3 +177,26 @@ def unet_config_from_shapes(shape, has) -> UNetConfig:
                       channel_mult=mult, num_res_blocks=nrb, attention_resolutions=attn or (4, 2, 1),
                       transformer_depth=depth or 1, context_dim=context,
                       adm_in_channels=shape("label_emb.0.0.weight")[1])
+
+
+def diffusers_unet_params(config: UNetConfig, frames: int) -> dict:
+    """`UNetSpatioTemporalConditionModel` keyword arguments for the network `config` describes (the inverse of
+    `unet_config_from_diffusers`, checked against it); for the tools and tests that build diffusers' UNet."""
+    levels = len(config.channel_mult)
+    if sorted(config.attention_resolutions) != [2 ** i for i in range(levels - 1)]:
+        raise ValueError(f"diffusers' SVD UNet has attention at every level but the deepest; attention_resolutions "
+                         f"{config.attention_resolutions} with {levels} levels is not expressible")
+    if config.adm_in_channels % 6:
+        raise ValueError(f"adm_in_channels {config.adm_in_channels} must be 3 even-sized embeddings")
+    widths = tuple(config.model_channels * m for m in config.channel_mult)
+    kwargs = dict(
+        in_channels=config.in_channels, out_channels=config.out_channels,
+        down_block_types=("CrossAttnDownBlockSpatioTemporal",) * (levels - 1) + ("DownBlockSpatioTemporal",),
+        up_block_types=("UpBlockSpatioTemporal",) + ("CrossAttnUpBlockSpatioTemporal",) * (levels - 1),
+        block_out_channels=widths, addition_time_embed_dim=config.adm_in_channels // 3,
+        projection_class_embeddings_input_dim=config.adm_in_channels, layers_per_block=config.num_res_blocks,
+        cross_attention_dim=config.context_dim, transformer_layers_per_block=config.transformer_depth,
+        num_attention_heads=tuple(w // config.num_head_channels for w in widths), num_frames=frames)
+    if unet_config_from_diffusers(kwargs) != config:
+        raise AssertionError(f"diffusers kwargs {kwargs} do not describe {config}")
+    return kwargs

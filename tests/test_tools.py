@@ -10,6 +10,7 @@ import torch
 
 import svdlite
 from svdlite.loading import load_unet
+from svdlite.unet_keymap import diffusers_unet_params
 
 from helpers import load_tool
 
@@ -71,13 +72,13 @@ def test_fold_and_diffusers_agree_in_float64(tmp_path):
 def test_diffusers_kwargs_of_svd_are_diffusers_defaults():
     from diffusers import UNetSpatioTemporalConditionModel
 
-    kwargs = bm.diffusers_kwargs(svdlite.UNetConfig(), 14)
+    kwargs = diffusers_unet_params(svdlite.UNetConfig(), 14)
     with torch.device("meta"):
         ours, theirs = UNetSpatioTemporalConditionModel(**kwargs), UNetSpatioTemporalConditionModel(num_frames=14)
     assert {k: tuple(v.shape) for k, v in ours.state_dict().items()} == \
         {k: tuple(v.shape) for k, v in theirs.state_dict().items()}
     with pytest.raises(ValueError, match="attention"):
-        bm.diffusers_kwargs(svdlite.UNetConfig(attention_resolutions=(4, 2)), 14)
+        diffusers_unet_params(svdlite.UNetConfig(attention_resolutions=(4, 2)), 14)
     with pytest.raises(ValueError, match="multiples of 64"):
         bm.make_inputs(svdlite.UNetConfig(), 2, 48, 64, 0)
 

@@ -62,7 +62,7 @@ from svdlite.layers import timestep_embedding
 from svdlite.loading import load_unet
 from svdlite.testing import random_tensors
 from svdlite.unet import UNetConfig
-from svdlite.unet_keymap import unet_config_from_diffusers
+from svdlite.unet_keymap import diffusers_unet_params
 from svdlite.outputs import add_force, check_outputs, write_text
 
 
@@ -81,34 +81,12 @@ TOLERANCE = {"unfolded": 5e-4, "diffusers_sgm_eps": 5e-4, "diffusers": 1e-3}
 GIB = 1024 ** 3
 
 
-def diffusers_kwargs(config: UNetConfig, frames: int) -> dict:
-    """`UNetSpatioTemporalConditionModel` keyword arguments for the network `config` describes."""
-    levels = len(config.channel_mult)
-    if sorted(config.attention_resolutions) != [2 ** i for i in range(levels - 1)]:
-        raise ValueError(f"diffusers' SVD UNet has attention at every level but the deepest; attention_resolutions "
-                         f"{config.attention_resolutions} with {levels} levels is not expressible")
-    if config.adm_in_channels % 6:
-        raise ValueError(f"adm_in_channels {config.adm_in_channels} must be 3 even-sized embeddings")
-    widths = tuple(config.model_channels * m for m in config.channel_mult)
-    kwargs = dict(
-        in_channels=config.in_channels, out_channels=config.out_channels,
-        down_block_types=("CrossAttnDownBlockSpatioTemporal",) * (levels - 1) + ("DownBlockSpatioTemporal",),
-        up_block_types=("UpBlockSpatioTemporal",) + ("CrossAttnUpBlockSpatioTemporal",) * (levels - 1),
-        block_out_channels=widths, addition_time_embed_dim=config.adm_in_channels // 3,
-        projection_class_embeddings_input_dim=config.adm_in_channels, layers_per_block=config.num_res_blocks,
-        cross_attention_dim=config.context_dim, transformer_layers_per_block=config.transformer_depth,
-        num_attention_heads=tuple(w // config.num_head_channels for w in widths), num_frames=frames)
-    if unet_config_from_diffusers(kwargs) != config:
-        raise AssertionError(f"diffusers kwargs {kwargs} do not describe {config}")
-    return kwargs
-
-
 def build_diffusers_unet(config: UNetConfig, frames: int, seed: int):
     """diffusers' UNet for `config`, built on the meta device and given random_tensors(seed) weights (fp32)."""
     from diffusers import UNetSpatioTemporalConditionModel
 
     with torch.device("meta"):
-        unet = UNetSpatioTemporalConditionModel(**diffusers_kwargs(config, frames))
+        unet = UNetSpatioTemporalConditionModel(**diffusers_unet_params(config, frames))
     shapes = {k: tuple(v.shape) for k, v in unet.state_dict().items()}
     unet.load_state_dict(random_tensors(shapes, seed), strict=True, assign=True)
     left = [n for n, t in list(unet.named_parameters()) + list(unet.named_buffers()) if t.is_meta]

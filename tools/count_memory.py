@@ -69,9 +69,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import svdlite
 from svdlite.conditioning import CFGBatch
 from svdlite.pipeline import decode as svdlite_decode
-from svdlite.pipeline import make_denoiser
+from svdlite.denoiser import make_denoiser
 from svdlite.plan import Step
 from svdlite.unet import UNetConfig, VideoUNet
+from svdlite.unet_keymap import diffusers_unet_params
 from svdlite.vae import ConditionEncoder, VAEConfig, VideoDecoder
 
 GIB = 2 ** 30
@@ -266,25 +267,6 @@ def configs(network: str) -> tuple[UNetConfig, VAEConfig]:
     raise ValueError(f"network must be 'full' or 'tiny', got {network!r}")
 
 
-def diffusers_unet_kwargs(config: UNetConfig, frames: int) -> dict:
-    """`UNetSpatioTemporalConditionModel` keyword arguments for the network `config` describes."""
-    from svdlite.unet_keymap import unet_config_from_diffusers
-
-    levels = len(config.channel_mult)
-    widths = tuple(config.model_channels * m for m in config.channel_mult)
-    kwargs = dict(
-        in_channels=config.in_channels, out_channels=config.out_channels,
-        down_block_types=("CrossAttnDownBlockSpatioTemporal",) * (levels - 1) + ("DownBlockSpatioTemporal",),
-        up_block_types=("UpBlockSpatioTemporal",) + ("CrossAttnUpBlockSpatioTemporal",) * (levels - 1),
-        block_out_channels=widths, addition_time_embed_dim=config.adm_in_channels // 3,
-        projection_class_embeddings_input_dim=config.adm_in_channels, layers_per_block=config.num_res_blocks,
-        cross_attention_dim=config.context_dim, transformer_layers_per_block=config.transformer_depth,
-        num_attention_heads=tuple(w // config.num_head_channels for w in widths), num_frames=frames)
-    if unet_config_from_diffusers(kwargs) != config:
-        raise ValueError(f"diffusers' UNet cannot express {config}")
-    return kwargs
-
-
 def diffusers_vae_kwargs(config: VAEConfig) -> dict:
     """`AutoencoderKLTemporalDecoder` keyword arguments (SVD's vae/config.json for the full network)."""
     levels = len(config.ch_mult)
@@ -309,7 +291,7 @@ def build(side: str, part: str, network: str, dtype: torch.dtype, target: str, f
         elif part == "unet":
             from diffusers import UNetSpatioTemporalConditionModel
 
-            module = UNetSpatioTemporalConditionModel(**diffusers_unet_kwargs(unet_cfg, frames))
+            module = UNetSpatioTemporalConditionModel(**diffusers_unet_params(unet_cfg, frames))
         else:
             from diffusers import AutoencoderKLTemporalDecoder
 
