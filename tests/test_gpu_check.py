@@ -64,6 +64,8 @@ def test_fidelity_numbers_are_within_the_tests_tolerances(quick, tool):
         else:
             assert row["limit"] == tool.REF_REL == 1e-4 and 0 <= row["value"] < 1e-4, row
         assert row["rel_err"] < 1e-4, row
+    d = f["reference_unet_main_with_torch_default_tf32"]  # on the CPU torch's defaults are plain float32
+    assert 0 <= d["close_ratio"] <= 1.0 and d["rel_err"] < 1e-4
     e = f["unet_eval_device_vs_cpu"]
     assert e["same_device"] is True and e["finite"] is True
     assert 0 <= e["rel_err"] <= e["limit_rel_err"] == tool.CPU_DEVICE_REL

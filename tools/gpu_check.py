@@ -711,6 +711,30 @@ def eval_fp32(ctx: Context) -> torch.Tensor:
     return ctx.cache["eval_fp32"]
 
 
+def default_tf32_unet(ctx: Context) -> dict:
+    """The reference UNet's main case with torch's default float32 settings (on a GPU: cuDNN convolutions in TF32),
+    to show what they cost against the reference; on the CPU the same as with TF32 off."""
+    from safetensors.torch import load_file
+
+    from svdlite.loading import load_unet
+    from svdlite.unet import UNetConfig
+
+    folder = Path(ctx.args.reference).resolve()
+    config = UNetConfig.from_dict(json.loads((folder / "unet_tiny_config.json").read_text())["params"])
+    unet = load_unet(materialize_reference(folder) / "unet_tiny_sgm.safetensors", config, device=ctx.device)
+    io = {k: v.to(ctx.device) for k, v in load_file(str(folder / "unet_tiny_io.safetensors")).items()}
+    with torch.no_grad():
+        o = unet(io["x"], io["timesteps"], io["context"], io["y"], int(io["num_video_frames"]),
+                 io["image_only_indicator"])
+    try:
+        legacy = torch.backends.cudnn.allow_tf32
+    except RuntimeError as err:  # torch may refuse the legacy flag once the new API was used
+        legacy = f"unreadable: {err}"
+    return {"close_ratio": close_ratio(o, io["out"]), "rel_err": rel_err(o, io["out"]),
+            "cudnn_conv_fp32_precision": getattr(getattr(torch.backends.cudnn, "conv", None), "fp32_precision", None),
+            "cudnn_allow_tf32": legacy}
+
+
 def part_fidelity(ctx: Context) -> dict:
     out = {"tf32": "off (matmul and cuDNN convolutions in IEEE float32)"}
     with exact_fp32():
@@ -718,20 +742,7 @@ def part_fidelity(ctx: Context) -> dict:
     out["reference"] = rows
     for r in rows:
         ctx.check("fidelity", f"reference: {r['name']}", r["value"], r["limit"])
-    if ctx.device.type == "cuda":  # what torch's default (cuDNN convolutions in TF32) gives on the same check
-        from svdlite.loading import load_unet
-        from svdlite.unet import UNetConfig
-
-        folder = Path(ctx.args.reference).resolve()
-        config = UNetConfig.from_dict(json.loads((folder / "unet_tiny_config.json").read_text())["params"])
-        unet = load_unet(materialize_reference(folder) / "unet_tiny_sgm.safetensors", config, device=ctx.device)
-        from safetensors.torch import load_file
-        io = {k: v.to(ctx.device) for k, v in load_file(str(folder / "unet_tiny_io.safetensors")).items()}
-        with torch.no_grad():
-            o = unet(io["x"], io["timesteps"], io["context"], io["y"], int(io["num_video_frames"]),
-                     io["image_only_indicator"])
-        out["reference_unet_main_with_torch_default_tf32"] = {"close_ratio": close_ratio(o, io["out"]),
-                                                              "rel_err": rel_err(o, io["out"])}
+    out["reference_unet_main_with_torch_default_tf32"] = default_tf32_unet(ctx)
     # the full-width evaluation: device float32 against CPU float32
     s = ctx.sizes
     t0 = time.perf_counter()
@@ -1120,10 +1131,9 @@ def print_report(r: dict) -> None:
         for row in x["reference"]:
             print(f"  {row['name']:<66}{_f(row['value']):>10}  limit {_f(row['limit'])}  rel {_f(row['rel_err'])}"
                   f"  {'ok' if row['passed'] else 'FAIL'}")
-        if "reference_unet_main_with_torch_default_tf32" in x:
-            d = x["reference_unet_main_with_torch_default_tf32"]
-            print(f"  (unet main out with torch's default TF32 settings: ratio {_f(d['close_ratio'])}, rel "
-                  f"{_f(d['rel_err'])})")
+        d = x["reference_unet_main_with_torch_default_tf32"]
+        print(f"  (unet main out with torch's default float32 settings, cuDNN conv {d['cudnn_conv_fp32_precision']}: "
+              f"ratio {_f(d['close_ratio'])}, rel {_f(d['rel_err'])})")
         e = x["unet_eval_device_vs_cpu"]
         print(f"  {e['width']}-width UNet eval ({e['batch']} rows, {e['pixels'][0]}x{e['pixels'][1]} px), device vs "
               f"CPU fp32: max rel {_f(e['rel_err'])} (limit {_f(e['limit_rel_err'])}), rel L2 {_f(e['rel_l2'])}"
@@ -1251,10 +1261,14 @@ def main(argv=None) -> int:
         device = torch.device(args.device)
     except RuntimeError as err:
         parser.error(f"--device: {err}")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: torch sees no CUDA GPU here (use --device cpu --quick for the CPU check)")
     if device.type not in ("cuda", "cpu"):
         parser.error(f"--device takes cuda, cuda:N or cpu, got {args.device!r}")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            parser.error("--device cuda: torch sees no CUDA GPU here (use --device cpu --quick for the CPU check)")
+        if device.index is None:  # torch.cuda.set_device and the allocator statistics want the index
+            device = torch.device("cuda", torch.cuda.current_device())
+        args.device = str(device)
     if args.threads:
         torch.set_num_threads(args.threads)
     command = shlex.join([sys.executable, "tools/gpu_check.py", *(sys.argv[1:] if argv is None else argv)])
@@ -1263,9 +1277,9 @@ def main(argv=None) -> int:
         print(msg, file=sys.stderr, flush=True)
 
     start = time.perf_counter()
-    ctx = Context(args, log)
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    ctx = Context(args, log)
     result = {"command": command, "device": str(device), "quick": args.quick, "width": ctx.width,
               "budget_s": args.budget_s, "parts_asked": parts, "machine": machine(device), "parts": {},
               "sizes": SIZES["quick" if args.quick else "full"]}
