@@ -34,10 +34,12 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     (N, K) viewed as (N, K, 1, 1) is a 1x1 convolution of it: the same products, through oneDNN's convolution
     kernels, which on this class of CPU (AVX2, 2 threads) run them 10-40% faster than the GEMM behind F.linear.
     Equal to F.linear up to float32 rounding (summation order); no copy in or out (the result is channels-last,
-    i.e. row-major (rows, N)). Other dtypes and devices take F.linear."""
+    i.e. row-major (rows, N)). Other dtypes and devices, and code under torch.compile, take F.linear."""
     k = x.shape[-1]
     rows = x.numel() // k if k else 0
+    # under torch.compile the compiler chooses its own kernels (and cannot trace the oneDNN availability query)
     if (x.device.type != "cpu" or x.dtype != torch.float32 or rows < CONV_LINEAR_MIN_ROWS
+            or torch.compiler.is_compiling()
             or not torch.backends.mkldnn.is_available() or not torch.backends.mkldnn.enabled):
         return F.linear(x, weight, bias)
     image = x.reshape(1, rows, 1, k).permute(0, 3, 1, 2)

@@ -127,3 +127,17 @@ def test_layers_initialise_as_torch_but_not_on_meta(ours, theirs, args, monkeypa
         [p.shape for p in b.parameters()]
     with pytest.raises(AssertionError, match="initialiser ran"):
         ours(*args)  # on the CPU it does run
+
+
+def test_linear_compiles_without_graph_breaks():
+    """Under torch.compile the CPU float32 `linear` takes F.linear: no break at the oneDNN availability query (every
+    layer of the UNet would otherwise split the graph), and the compiled result equals F.linear's."""
+    import torch._dynamo
+
+    from svdlite.layers import CONV_LINEAR_MIN_ROWS, linear
+
+    x, w, b = torch.randn(CONV_LINEAR_MIN_ROWS, 32), torch.randn(48, 32), torch.randn(48)
+    explanation = torch._dynamo.explain(linear)(x, w, b)
+    assert explanation.graph_break_count == 0 and explanation.graph_count == 1
+    torch.testing.assert_close(torch.compile(linear, backend="eager")(x, w, b), torch.nn.functional.linear(x, w, b),
+                               rtol=0, atol=0)  # the same op: bit for bit
