@@ -130,8 +130,8 @@ def test_layers_initialise_as_torch_but_not_on_meta(ours, theirs, args, monkeypa
 
 
 def test_linear_compiles_without_graph_breaks():
-    """Under torch.compile the CPU float32 `linear` takes F.linear: no break at the oneDNN availability query (every
-    layer of the UNet would otherwise split the graph), and the compiled result equals F.linear's."""
+    """`linear` traces into one graph under torch.compile, and there (CPU, float32, above the convolution's row
+    threshold) it is F.linear, bit for bit."""
     import torch._dynamo
 
     from svdlite.layers import CONV_LINEAR_MIN_ROWS, linear
