@@ -1,5 +1,5 @@
 """Every approximate option, each pair of them that can meet, and the speed levels, against an independent sampler
-written here from the definitions (issue 19): the final latents of `svdlite.generate` must equal those of a plain
+written here from the definitions: the final latents of `svdlite.generate` must equal those of a plain
 loop that shares no sampling code with svdlite.
 
 The reference below takes from svdlite only the networks and the conditioning encoders: the UNet's blocks one by
