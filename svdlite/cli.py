@@ -77,8 +77,8 @@ def _parser() -> argparse.ArgumentParser:
     u.add_argument("--dtype", choices=DTYPES, default="auto", help="as for generate (default: auto)")
     u.add_argument("--threads", type=int, help="CPU threads torch uses (default: torch's, one per core)")
     u.add_argument("--output-dir", type=Path, help="folder for the finished videos (its videos/) and the page's "
-                                                   "uploads (its gradio/); nothing is written outside it (default: "
-                                                   "a new temporary folder, removed at exit)")
+                                                   "uploads (its gradio-*/); nothing is written outside it "
+                                                   "(default: a new temporary folder, removed at exit)")
     u.add_argument("-q", "--quiet", action="store_true", help="no progress bar while loading")
     return p
 
