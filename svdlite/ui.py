@@ -417,9 +417,10 @@ class Page:
             def cancel(request: gr.Request):
                 return self.cancel(request)
 
-            for source in (image.change, width.blur, width.submit, height.blur, height.submit):
+            for source in (image.change, width.change, height.change):
                 source(preview, [image, width, height], crop, api_visibility="private", concurrency_limit=1,
-                       concurrency_id="preview", show_progress="minimal")  # one at a time: the last one shows
+                       concurrency_id="preview", show_progress="minimal",
+                       trigger_mode="always_last")  # one at a time, and the last values always shown
             event = run.click(generate, [image, speed, seed, randomize, motion, fps, frames, steps, min_guidance,
                                          max_guidance, noise_aug, width, height, f3_schedule, f3_ratio,
                                          cache_interval, cache_depth, guidance_cut, also],
