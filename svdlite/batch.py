@@ -311,11 +311,12 @@ def _run_share(mine: list[Item], model: SVDModel, part: Path, records: list[dict
                run_id, overwrite, dist: Dist, progress: bool, run: Run) -> None:
     """Generate this process's items `batch_size` at a time, appending one manifest record per item to `part` and
     to `records`."""
+    seeds = {item: item_seed(seed, item.output.stem) for item in mine}  # each item's seed, derived once
     bar = tqdm(total=len(mine), desc=f"rank {dist.rank}/{dist.world_size}" if dist.world_size > 1 else "videos",
                disable=not progress, unit="video")
     with open(part, "a") as log, bar:
         def record(item, status, seconds, error=None, video=None):
-            r = {"input": str(item.input), "output": str(item.output), "seed": item_seed(seed, item.output.stem),
+            r = {"input": str(item.input), "output": str(item.output), "seed": seeds[item],
                  "run_seed": seed,
                  "status": status, "error": error, "seconds": round(seconds, 3), "batch_size": batch_size,
                  "rank": dist.rank, "world_size": dist.world_size, "settings": settings,
@@ -330,8 +331,9 @@ def _run_share(mine: list[Item], model: SVDModel, part: Path, records: list[dict
 
         def make(chunk, images):
             t0 = time.perf_counter()
-            seeds, generators = make_generators(len(chunk), [item_seed(seed, i.output.stem) for i in chunk], None, True)
-            videos = make_videos(model, images, run, seeds, generators, [None] * len(chunk), batch_size=len(chunk))
+            chunk_seeds, generators = make_generators(len(chunk), [seeds[i] for i in chunk], None, True)
+            videos = make_videos(model, images, run, chunk_seeds, generators, [None] * len(chunk),
+                                 batch_size=len(chunk))
             each = (time.perf_counter() - t0) / len(chunk)
             for item, video in zip(chunk, videos):
                 t1 = time.perf_counter()

@@ -176,17 +176,15 @@ def make_plan(model, s: SamplingConfig, sigmas: torch.Tensor, *, schedule_name: 
               guidance_cut_step: int | None = None, f3_schedule=None, f3_ratio: float | None = 0.0,
               f3_statistic: str | None = "attention", cache_interval: int | None = 1,
               cache_depth: int | None = None) -> Plan:
-    """The one per-step plan for these options (plan.py); checks an F3 schedule against the model and settings.
-    None means the option's off-position (f3_ratio 0, f3_statistic "attention", cache_interval 1)."""
+    """The one per-step plan for these options (plan.py), checked by `RunSpec` before; checks an F3 schedule
+    against the model and settings. None means the option's off-position (f3_ratio 0, f3_statistic "attention",
+    cache_interval 1)."""
     f3_ratio = 0.0 if f3_ratio is None else f3_ratio
     f3_statistic = "attention" if f3_statistic is None else f3_statistic
     cache_interval = 1 if cache_interval is None else cache_interval
-    check_options({"f3_ratio": f3_ratio, "f3_statistic": f3_statistic, "cache_interval": cache_interval,
-                   "cache_depth": cache_depth}, f3_schedule is not None)
     skip = None
     if f3_schedule is not None:
         f3_schedule = as_schedule(f3_schedule)
-        f3_schedule.num_skipped(f3_ratio)  # validates the ratio before the identity check's work
         settings = ({k: getattr(s, k) for k in F3_SETTING_KEYS}
                     | {"num_inference_steps": len(sigmas) - 1, "schedule": schedule_name})
         for message in f3_schedule.check(model.unet.temporal_units(), unet_identity(model.unet), settings):
