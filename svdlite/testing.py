@@ -1,4 +1,5 @@
-"""Random-weight checkpoints for tests, benchmarks and the bundled tiny model (never for real use).
+"""Random-weight checkpoints for tests, benchmarks and the bundled tiny model (never for real use), and the pieces
+the tests and tools share: the inputs of one guided UNet call, and a recorder of module outputs.
 
 `random_tensors` follows the recipe of tests/reference/materialize.py, so every branch is live (sgm's own
 zero-inits would hide mistakes): norm scales ~1, biases small, weights ~ N(0, 1/fan_in), mix factors ~0.3.
@@ -7,6 +8,7 @@ import math
 
 import torch
 
+from .layers import timestep_embedding
 from .unet import UNetConfig, VideoUNet
 from .unet_keymap import original_unet_keys
 
@@ -83,3 +85,53 @@ def original_checkpoint_shapes(unet_config: UNetConfig | None = None, vae_config
         shapes["conditioner.embedders.0.open_clip.model.token_embedding.weight"] = (16, clip_config.output_dim)
         shapes["conditioner.embedders.0.open_clip.model.logit_scale"] = ()
     return shapes
+
+
+def unet_call_inputs(config: UNetConfig, frames: int, height: int, width: int, seed: int) -> dict:
+    """Inputs of one CFG-doubled UNet call, [uncond; cond] videos (uncond context zero, as sgm and diffusers), float32
+    on the CPU, in diffusers' layout and svdlite's (the benchmarks' and the GPU check's common inputs)."""
+    multiple = 8 * config.latent_downscale
+    if height % multiple or width % multiple or height <= 0 or width <= 0:
+        raise ValueError(f"height and width must be positive multiples of {multiple} pixels, got {height}x{width}")
+    if frames < 1:
+        raise ValueError(f"frames must be >= 1, got {frames}")
+    g = torch.Generator().manual_seed(seed + 1)
+    b, t, h, w = 2, frames, height // 8, width // 8
+    sample = torch.randn(b, t, config.in_channels, h, w, generator=g)
+    sigma = torch.tensor([3.0, 3.0])
+    timestep = 0.25 * sigma.log()
+    token = torch.randn(1, 1, config.context_dim, generator=g)
+    context = torch.cat([torch.zeros_like(token), token])  # (b, 1, D)
+    added_time_ids = torch.tensor([[6.0, 127.0, 0.02]] * b)  # fps_id, motion bucket, noise aug
+    dim = config.adm_in_channels // 3
+    y = torch.cat([timestep_embedding(added_time_ids[:, i], dim) for i in range(3)], dim=1)
+    return {"diffusers": (sample, timestep, context, added_time_ids),
+            "svdlite": (sample.flatten(0, 1), timestep.repeat_interleave(t), context.repeat_interleave(t, 0),
+                        y.repeat_interleave(t, 0)),
+            "frames": t}
+
+
+def block_outputs(model: torch.nn.Module, keys, run) -> dict[str, torch.Tensor]:
+    """Outputs of the submodules named by reference keys (`<module path>.out`, or a bare path) during `run()`.
+
+    Each output is recorded as a copy (each tensor of a tuple): a later in-place op (the VAE decoder's SiLU right
+    after `norm_out`) must not change what the module returned."""
+    got, hooks = {}, []
+
+    def copy(out):
+        if isinstance(out, torch.Tensor):
+            return out.detach().clone()
+        if isinstance(out, (tuple, list)):
+            return type(out)(copy(o) for o in out)
+        return out
+
+    for key in keys:
+        module = model.get_submodule(key.removesuffix(".out"))
+        hooks.append(module.register_forward_hook(lambda m, a, out, key=key: got.__setitem__(key, copy(out))))
+    try:
+        with torch.no_grad():
+            run()
+    finally:
+        for h in hooks:
+            h.remove()
+    return got

@@ -15,6 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+
 DEFAULT_REFERENCE_DIR = Path(__file__).resolve().parent / "reference"
 
 
@@ -69,27 +70,3 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-30)).item()
 
 
-def block_outputs(model: torch.nn.Module, keys, run) -> dict[str, torch.Tensor]:
-    """Outputs of the submodules named by reference keys (`<module path>.out`, or a bare path) during `run()`.
-
-    Each output is recorded as a copy (each tensor of a tuple): a later in-place op (the VAE decoder's SiLU right
-    after `norm_out`) must not change what the module returned."""
-    got, hooks = {}, []
-
-    def copy(out):
-        if isinstance(out, torch.Tensor):
-            return out.detach().clone()
-        if isinstance(out, (tuple, list)):
-            return type(out)(copy(o) for o in out)
-        return out
-
-    for key in keys:
-        module = model.get_submodule(key.removesuffix(".out"))
-        hooks.append(module.register_forward_hook(lambda m, a, out, key=key: got.__setitem__(key, copy(out))))
-    try:
-        with torch.no_grad():
-            run()
-    finally:
-        for h in hooks:
-            h.remove()
-    return got

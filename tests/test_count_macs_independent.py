@@ -6,7 +6,7 @@ CLIP calls all as in a real run), and a dispatch mode of this file counts the mu
 product op that runs (mm, addmm, bmm, baddbmm, convolution; any other product-like op is refused), attributed to
 the component that was running. count_macs's rows must equal these counts exactly (integers, no tolerance).
 
-Also here: the block-by-block reference tests' recorder (conftest `block_outputs`) keeps what a module returned,
+Also here: the block-by-block reference tests' recorder (`svdlite.testing.block_outputs`) keeps what a module returned,
 even when a later op writes into that tensor in place.
 """
 import contextlib
@@ -28,7 +28,7 @@ from svdlite.presets import PRESETS, Preset, SamplingConfig
 from svdlite.unet import UNetConfig, VideoUNet
 from svdlite.vae import ConditionEncoder, VAEConfig, VideoDecoder
 
-from conftest import block_outputs
+from svdlite.testing import block_outputs
 from helpers import load_tool
 
 FRAMES, STEPS, HEIGHT, WIDTH = 2, 2, 64, 64

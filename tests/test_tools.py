@@ -10,6 +10,7 @@ import torch
 
 import svdlite
 from svdlite.loading import load_unet
+from svdlite.testing import unet_call_inputs
 from svdlite.unet_keymap import diffusers_unet_params
 
 from helpers import load_tool
@@ -56,7 +57,7 @@ def test_fold_and_diffusers_agree_in_float64(tmp_path):
     deliberate float32 islands (GroupNorm32 and the mix-factor sigmoid run in float32, as in sgm); diffusers as
     shipped differs by more (its GroupNorm eps 1e-6 in some ResBlocks)."""
     config = bm.WIDTHS["tiny"]
-    inputs = bm.make_inputs(config, 3, 64, 64, seed=3)
+    inputs = unet_call_inputs(config, 3, 64, 64, seed=3)
     unet = bm.build_diffusers_unet(config, 3, seed=3)
     unet.save_pretrained(tmp_path)
     runner = bm.Runner({k: tuple(a.double() for a in v) if isinstance(v, tuple) else v for k, v in inputs.items()})
@@ -80,7 +81,7 @@ def test_diffusers_kwargs_of_svd_are_diffusers_defaults():
     with pytest.raises(ValueError, match="attention"):
         diffusers_unet_params(svdlite.UNetConfig(attention_resolutions=(4, 2)), 14)
     with pytest.raises(ValueError, match="multiples of 64"):
-        bm.make_inputs(svdlite.UNetConfig(), 2, 48, 64, 0)
+        unet_call_inputs(svdlite.UNetConfig(), 2, 48, 64, 0)
 
 
 # --- measure_options ---------------------------------------------------------------------------------------------

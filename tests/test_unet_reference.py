@@ -9,7 +9,7 @@ headroom over that floor while the smallest implementation mistake the README li
 import pytest
 import torch
 
-from conftest import block_outputs
+from svdlite.testing import block_outputs
 from svdlite import UNetConfig
 from svdlite.loading import load_unet
 

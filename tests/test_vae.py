@@ -16,10 +16,11 @@ import types
 
 import pytest
 import torch
-from conftest import block_outputs, rel_err
+from conftest import rel_err
 from helpers import KEYMAPS, random_tensors
 from safetensors.torch import load_file
 
+from svdlite.testing import block_outputs
 from svdlite.vae import Encoder, VAEConfig, VideoDecoder, decode_latents, encode_condition, make_quant_conv
 from svdlite.vae_keymap import (DECODER_PREFIX, ENCODER_PREFIX, FIRST_STAGE_ENCODER_PREFIX, QUANT_CONV_PREFIX,
                                 original_from_diffusers, to_diffusers_shape, vae_key_map)

@@ -58,9 +58,8 @@ from pathlib import Path
 
 import torch
 
-from svdlite.layers import timestep_embedding
 from svdlite.loading import load_unet
-from svdlite.testing import random_tensors
+from svdlite.testing import random_tensors, unet_call_inputs
 from svdlite.unet import UNetConfig
 from svdlite.unet_keymap import diffusers_unet_params
 from svdlite.outputs import add_force, check_outputs, write_text
@@ -93,29 +92,6 @@ def build_diffusers_unet(config: UNetConfig, frames: int, seed: int):
     if left:
         raise RuntimeError(f"diffusers UNet tensors left on the meta device: {left[:5]}")
     return unet.eval().requires_grad_(False)
-
-
-def make_inputs(config: UNetConfig, frames: int, height: int, width: int, seed: int) -> dict:
-    """One CFG-doubled call: [uncond; cond] videos (uncond context zero, as sgm/diffusers), in both layouts."""
-    multiple = 8 * config.latent_downscale
-    if height % multiple or width % multiple or height <= 0 or width <= 0:
-        raise ValueError(f"height and width must be positive multiples of {multiple} pixels, got {height}x{width}")
-    if frames < 1:
-        raise ValueError(f"frames must be >= 1, got {frames}")
-    g = torch.Generator().manual_seed(seed + 1)
-    b, t, h, w = 2, frames, height // 8, width // 8
-    sample = torch.randn(b, t, config.in_channels, h, w, generator=g)
-    sigma = torch.tensor([3.0, 3.0])
-    timestep = 0.25 * sigma.log()
-    token = torch.randn(1, 1, config.context_dim, generator=g)
-    context = torch.cat([torch.zeros_like(token), token])  # (b, 1, D)
-    added_time_ids = torch.tensor([[6.0, 127.0, 0.02]] * b)  # fps_id, motion bucket, noise aug
-    dim = config.adm_in_channels // 3
-    y = torch.cat([timestep_embedding(added_time_ids[:, i], dim) for i in range(3)], dim=1)
-    return {"diffusers": (sample, timestep, context, added_time_ids),
-            "svdlite": (sample.flatten(0, 1), timestep.repeat_interleave(t), context.repeat_interleave(t, 0),
-                        y.repeat_interleave(t, 0)),
-            "frames": t}
 
 
 def rel_diff(a: torch.Tensor, ref: torch.Tensor) -> float:
@@ -261,7 +237,7 @@ def benchmark(config: UNetConfig, frames: int = 14, height: int = 64, width: int
     (and each size's) says it (timings still run)."""
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     sizes = sizes or [(height, width)]
-    inputs = {hw: make_inputs(config, frames, hw[0], hw[1], seed) for hw in sizes}
+    inputs = {hw: unet_call_inputs(config, frames, hw[0], hw[1], seed) for hw in sizes}
     variants = list(VARIANTS) if unfolded else ["diffusers", "svdlite"]
     result = {"config": config.to_dict(), "params_diffusers": None, "frames": frames, "batch": 2 * frames,
               "height": sizes[0][0], "width": sizes[0][1], "latent": [sizes[0][0] // 8, sizes[0][1] // 8],

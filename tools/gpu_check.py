@@ -63,6 +63,7 @@ import numpy as np
 import torch
 
 from svdlite.outputs import add_force, check_outputs, write_text
+from svdlite.testing import block_outputs, unet_call_inputs
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_REFERENCE = ROOT / "tests" / "reference"
@@ -340,26 +341,6 @@ def make_image(height: int, width: int):
     return Image.fromarray(np.clip(rgb, 0, 255).round().astype(np.uint8))
 
 
-def make_inputs(config, frames: int, height: int, width: int, seed: int) -> dict:
-    """One CFG-doubled UNet call, [uncond; cond] (uncond context zero), in both layouts, float32 on the CPU
-    (tools/benchmark.py's inputs)."""
-    from svdlite.layers import timestep_embedding
-
-    g = torch.Generator().manual_seed(seed + 1)
-    b, t, h, w = 2, frames, height // 8, width // 8
-    sample = torch.randn(b, t, config.in_channels, h, w, generator=g)
-    timestep = 0.25 * torch.tensor([3.0, 3.0]).log()
-    token = torch.randn(1, 1, config.context_dim, generator=g)
-    context = torch.cat([torch.zeros_like(token), token])
-    added_time_ids = torch.tensor([[6.0, 127.0, 0.02]] * b)  # fps_id, motion bucket, noise aug
-    dim = config.adm_in_channels // 3
-    y = torch.cat([timestep_embedding(added_time_ids[:, i], dim) for i in range(3)], dim=1)
-    return {"diffusers": (sample, timestep, context, added_time_ids),
-            "svdlite": (sample.flatten(0, 1), timestep.repeat_interleave(t), context.repeat_interleave(t, 0),
-                        y.repeat_interleave(t, 0)),
-            "frames": t}
-
-
 def svdlite_call(unet, inputs: dict, device, dtype):
     """A zero-argument call of one guided evaluation; the context vectors are computed once, here (as generate)."""
     x, ts, context, y = inputs["svdlite"]
@@ -385,7 +366,7 @@ def unet_macs(config, fold: bool, frames: int, height: int, width: int) -> int:
 
     with torch.device("meta"):
         net = VideoUNet(config, fold_cross_attention=fold).eval()
-        inputs = make_inputs(config, frames, height, width, 0)
+        inputs = unet_call_inputs(config, frames, height, width, 0)
         x, ts, context, y = (v.to("meta") for v in inputs["svdlite"])
     with torch.no_grad():
         vectors = net.context_vectors(context, frames) if fold else None
@@ -537,23 +518,6 @@ def materialize_reference(folder: Path) -> Path:
     return out
 
 
-def hooked_outputs(model: torch.nn.Module, keys, run) -> dict:
-    """Outputs (copies) of the submodules named by reference keys (`<path>.out` or a bare path) during run()."""
-    got, hooks = {}, []
-    for key in keys:
-        module = model.get_submodule(key.removesuffix(".out"))
-        hooks.append(module.register_forward_hook(
-            lambda m, a, out, key=key: got.__setitem__(key, out.detach().clone() if isinstance(out, torch.Tensor)
-                                                       else out)))
-    try:
-        with torch.no_grad():
-            run()
-    finally:
-        for h in hooks:
-            h.remove()
-    return got
-
-
 def reference_checks(ctx: Context) -> list[dict]:
     """The tests' reference comparisons, run on ctx.device in float32. One row per comparison (per-block ones
     summarised by their worst block)."""
@@ -615,7 +579,7 @@ def reference_checks(ctx: Context) -> list[dict]:
         out = unet(io["x"], io["timesteps"], None, io["y"], t, io["image_only_indicator"], context_vectors=vectors)
         row("unet main out, context vectors precomputed", out, io["out"])
     blocks = {k: v for k, v in tensors("unet_tiny_blocks.safetensors").items()}
-    got = hooked_outputs(unet, blocks, lambda: unet(io["x"], io["timesteps"], io["context"], io["y"], t,
+    got = block_outputs(unet, blocks, lambda: unet(io["x"], io["timesteps"], io["context"], io["y"], t,
                                                     io["image_only_indicator"]))
     worst("unet blocks", got, blocks)
     del unet
@@ -638,7 +602,7 @@ def reference_checks(ctx: Context) -> list[dict]:
             row(f"vae decoder {case or '1 video '}out".replace("b2.", "2 videos "), decoder(dio[case + "z"], td),
                 dio[case + "out"])
     blocks = tensors("vae_decoder_tiny_blocks.safetensors")
-    got = hooked_outputs(decoder, blocks, lambda: decoder(dio["z"], td))
+    got = block_outputs(decoder, blocks, lambda: decoder(dio["z"], td))
     worst("vae decoder blocks", got, blocks)
     sio = {k: on(v) for k, v in tensors("sample_tiny_io.safetensors").items()}
     run_cfg = cfg_json("sample_tiny_config.json")
@@ -703,7 +667,7 @@ def eval_fp32(ctx: Context) -> torch.Tensor:
     if "eval_fp32" not in ctx.cache:
         s = ctx.sizes
         unet = ctx.svd_unet(torch.float32)
-        inputs = make_inputs(unet.config, s["eval_frames"], *s["eval_px"], ctx.seed)
+        inputs = unet_call_inputs(unet.config, s["eval_frames"], *s["eval_px"], ctx.seed)
         with exact_fp32(), torch.no_grad():
             ctx.cache["eval_fp32"] = svdlite_call(unet, inputs, ctx.device, torch.float32)().float().cpu()
         del unet
@@ -747,7 +711,7 @@ def part_fidelity(ctx: Context) -> dict:
     s = ctx.sizes
     t0 = time.perf_counter()
     cpu_unet = ctx.svd_unet(torch.float32, device="cpu")
-    inputs = make_inputs(cpu_unet.config, s["eval_frames"], *s["eval_px"], ctx.seed)
+    inputs = unet_call_inputs(cpu_unet.config, s["eval_frames"], *s["eval_px"], ctx.seed)
     with torch.no_grad():
         ref = svdlite_call(cpu_unet, inputs, torch.device("cpu"), torch.float32)()
     cpu_seconds = time.perf_counter() - t0
@@ -775,7 +739,7 @@ def part_half(ctx: Context) -> dict:
     for dtype in (torch.float16, torch.bfloat16):
         name = str(dtype).removeprefix("torch.")
         unet = ctx.svd_unet(dtype)
-        inputs = make_inputs(unet.config, s["eval_frames"], *s["eval_px"], ctx.seed)
+        inputs = unet_call_inputs(unet.config, s["eval_frames"], *s["eval_px"], ctx.seed)
         with torch.no_grad():
             got = svdlite_call(unet, inputs, ctx.device, dtype)().float().cpu()
         del unet
@@ -826,7 +790,7 @@ def unet_pair(ctx: Context):
     s = ctx.sizes
     svd = ctx.svd_model(ctx.speed_dtype, keep=True).unet  # one svdlite model serves the speed parts
     diff = ctx.diffusers_pipe().unet
-    inputs = make_inputs(svd.config, s["unet_frames"], *s["unet_px"], ctx.seed)
+    inputs = unet_call_inputs(svd.config, s["unet_frames"], *s["unet_px"], ctx.seed)
     return svd, diff, inputs
 
 
