@@ -99,6 +99,14 @@ def make_items(paths, outdir, video_format: str = "mp4") -> list[Item]:
     return items
 
 
+def check_outdir(outdir: Path) -> None:
+    """Refuse an output folder that is a file, or whose parent folder does not exist (it is made, not its parents)."""
+    if outdir.exists() and not outdir.is_dir():
+        raise NotADirectoryError(f"output {outdir} is a file; expected a folder (made if missing)")
+    if not outdir.parent.is_dir():
+        raise FileNotFoundError(f"cannot make output folder {outdir}: {outdir.parent} does not exist")
+
+
 def shard(items: list, rank: int, world_size: int) -> list:
     """The items of process `rank` out of `world_size`: every world_size-th from rank on (each exactly once)."""
     if not 0 <= rank < world_size:
@@ -229,10 +237,7 @@ def run_batch(inputs, outdir, *, model="svd-xt", seed: int | None = None, batch_
     items = make_items(discover_inputs(inputs), outdir, video_format)
     spec = spec or RunSpec.from_options(**options)  # settings and options checked once, before the first item
     spec.check_fit(model)
-    if outdir.exists() and not outdir.is_dir():
-        raise NotADirectoryError(f"output {outdir} is a file; expected a folder (made if missing)")
-    if not outdir.parent.is_dir():
-        raise FileNotFoundError(f"cannot make output folder {outdir}: {outdir.parent} does not exist")
+    check_outdir(outdir)
     with contextlib.ExitStack() as stack:
         if lock and dist.rank == 0:  # one run at a time per output folder (every process of this run is rank 0's)
             stack.enter_context(exclusive(lock_path(outdir), f"output folder {outdir}"))

@@ -303,7 +303,7 @@ def _generate(args) -> int:
 
 
 def _batch(args) -> int:
-    from .batch import Dist, discover_inputs, pick_device, run_batch
+    from .batch import Dist, check_outdir, discover_inputs, pick_device, run_batch
     from .outputs import exclusive, lock_path
 
     spec = _spec(args)
@@ -311,19 +311,17 @@ def _batch(args) -> int:
     _run_checks(args)
     if args.processes < 1:
         raise ValueError(f"--processes must be a positive int, got {args.processes}")
-    if not args.output.parent.is_dir():
-        raise FileNotFoundError(f"cannot make output folder {args.output}: {args.output.parent} does not exist")
-    if args.output.exists() and not args.output.is_dir():
-        raise NotADirectoryError(f"output {args.output} is a file; expected a folder (made if missing)")
+    check_outdir(args.output)
     dist = Dist.from_env()
     locked = args.no_lock or dist.rank != 0  # the lock is rank 0's (or the launching process's)
     with nullcontext() if locked else exclusive(lock_path(args.output), f"output folder {args.output}"):
         if args.processes > 1 and "RANK" not in os.environ:
             return _launch(args)
-        model = _load(args, device=pick_device(args.device, dist), announce=dist.rank == 0)
+        device = pick_device(args.device, dist)  # the GPU of this process's local rank, when there are GPUs
+        model = _load(args, device=device, announce=dist.rank == 0)
         summary = run_batch(args.inputs, args.output, model=model, seed=args.seed, batch_size=args.batch_size,
-                            overwrite=args.overwrite, video_format=args.format, device=pick_device(args.device, dist),
-                            dist=dist, progress=_progress(args), lock=False, spec=spec)
+                            overwrite=args.overwrite, video_format=args.format, device=device, dist=dist,
+                            progress=_progress(args), lock=False, spec=spec)
     if summary["rank"] == 0:
         minutes = summary["seconds"] / 60
         rate = f", {summary['done'] / minutes:.2f} videos/min" if summary["done"] and minutes > 0 else ""

@@ -122,11 +122,12 @@ def make_videos(model: SVDModel, images: list, run: Run, seeds: list, generators
         with placed([model.vae_decoder], dev, offload_to is not None):
             chunk = s.decode_chunk_size
             if run.spec.decode_chunk_size is None:  # not given: what the GPU's free memory allows (memory.py)
-                chunk = decode_chunk_for(gpu_free_bytes(dev), s.height, s.width, chunk)
+                free = gpu_free_bytes(dev)
+                chunk = decode_chunk_for(free, s.height, s.width, chunk)
                 if chunk < s.decode_chunk_size:
                     warnings.warn(f"decoding {chunk} frame(s) at a time instead of {s.decode_chunk_size}: the GPU has "
-                                  f"{gpu_free_bytes(dev) / 2**30:.1f} GiB free; pass decode_chunk_size (CLI: "
-                                  "--decode-chunk-size) to choose", stacklevel=3)
+                                  f"{free / 2**30:.1f} GiB free; pass decode_chunk_size (CLI: --decode-chunk-size) to "
+                                  "choose", stacklevel=3)
             decoded = decode(model, x, t, chunk, progress)
         checks.check_finite(decoded, "the decoded frames", "the VAE decoder (float32) produced them from finite "
                             "latents: its weights hold NaN/inf (corrupt file?)")

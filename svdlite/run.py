@@ -62,14 +62,8 @@ class RunSpec:
         if o.get("cache_depth") is not None and o["cache_depth"] >= SVD_OUTPUT_BLOCKS:
             raise ValueError(f"cache_depth must be below {SVD_OUTPUT_BLOCKS} (the UNet's output blocks), "
                              f"got {o['cache_depth']}")
-        if self.sigmas is not None:
-            if o.get("schedule") not in (None, "edm"):
-                raise ValueError(f"pass either sigmas or schedule={o['schedule']!r} (a speed level may set it), "
-                                 "not both")
-            sigmas = sampling.check_sigmas(self.sigmas)
-            if o.get("num_inference_steps") is not None and o["num_inference_steps"] != len(sigmas) - 1:
-                raise ValueError(f"num_inference_steps={o['num_inference_steps']} disagrees with the "
-                                 f"{len(sigmas) - 1} steps of sigmas")
+        if self.sigmas is not None:  # checked against the step count and schedule, as resolve() will use them
+            sigmas, _ = noise_schedule(o.get("num_inference_steps"), o.get("schedule"), self.sigmas)
             object.__setattr__(self, "sigmas", tuple(sigmas.tolist()))
         if self.f3_schedule is not None:
             if not isinstance(self.f3_schedule, F3Schedule):
