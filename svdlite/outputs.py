@@ -22,7 +22,7 @@ except ImportError:  # Windows
 
 
 def lock_path(output: Path) -> Path:
-    """The lock file of an output file or folder: `.<name>.lock` beside it (for a folder, the lock file given)."""
+    """The lock file of an output file or folder: `.<name>.lock` beside it, in the same parent folder."""
     return output.with_name(f".{output.name}.lock")
 
 

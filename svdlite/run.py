@@ -8,7 +8,7 @@ the settings, the noise levels and the per-step `Plan`. Below it, functions trus
 """
 import dataclasses
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 
@@ -20,9 +20,6 @@ from .unet import UNetConfig
 
 SETTING_KEYS = ("num_frames", "num_inference_steps", "fps", "motion_bucket_id", "noise_aug_strength",
                 "min_guidance_scale", "max_guidance_scale", "decode_chunk_size", "height", "width")
-OPTION_KEYS = ("speed", "schedule", "sigmas", "guidance_cut_step", "f3_schedule", "f3_ratio", "f3_statistic",
-               "cache_interval", "cache_depth")
-RUN_KEYS = SETTING_KEYS + OPTION_KEYS  # every keyword a RunSpec takes
 # the settings an F3 schedule records and is checked against
 F3_SETTING_KEYS = ("num_frames", "height", "width", "min_guidance_scale", "max_guidance_scale", "fps",
                    "motion_bucket_id", "noise_aug_strength")
@@ -119,12 +116,15 @@ class RunSpec:
 
     def record(self) -> dict:
         """The spec as JSON-ready values (a manifest's record): the F3 schedule by its source, sigmas as a list."""
-        out = {k: getattr(self, k) for k in SETTING_KEYS + OPTION_KEYS if getattr(self, k) is not None}
+        out = {k: getattr(self, k) for k in RUN_KEYS if getattr(self, k) is not None}
         if self.f3_schedule is not None:
             out["f3_schedule"] = self.f3_source or "(given in memory)"
         if self.sigmas is not None:
             out["sigmas"] = list(self.sigmas)
         return out
+
+
+RUN_KEYS = tuple(f.name for f in fields(RunSpec) if f.init)  # every keyword a RunSpec takes
 
 
 @dataclass(frozen=True)
