@@ -2,7 +2,8 @@
 from .calibrate import calibrate_f3
 from .components import SVDModel, load_model
 from .f3 import F3Schedule
-from .loading import CheckpointError, load_unet
+from .checkpoint_file import CheckpointError
+from .loading import load_unet
 from .pipeline import generate
 from .run import RunSpec
 from .unet import UNetConfig, VideoUNet

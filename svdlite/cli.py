@@ -344,7 +344,7 @@ def _launch(args) -> int:
 
 
 def _info(args) -> int:
-    from .components import describe
+    from .info import describe
 
     for line in describe(args.checkpoint):
         print(line)

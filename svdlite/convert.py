@@ -19,12 +19,14 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from . import clip_keymap, vae_keymap
-from .components import COMPONENTS, SVDLITE_PREFIXES, ModelSource, build_component, component_plan
-from .loading import (ALIGNMENT, BLEND_FOLDED, BLEND_METADATA_KEY, SAFETENSORS_DTYPES, SVDLITE_FORMAT, CheckpointError,
-                      TensorSource, blend_is_stored_folded, load_planned, state_shapes)
+from .checkpoint_file import CheckpointError
+from .formats import (BLEND_FOLDED, BLEND_METADATA_KEY, COMPONENTS, SVDLITE_FORMAT, SVDLITE_PREFIXES, ModelSource,
+                      blend_is_stored_folded)
+from .loading import load_component
 from .presets import PRESETS
-from .unet_keymap import NEVER_READ_SUFFIXES, ORIGINAL_PREFIX
+from .read_plans import present_components
+from .tensor_source import TensorSource, save_aligned
+from .unet_keymap import NEVER_READ_SUFFIXES
 from .version import __version__
 
 FORMAT_VERSION = "1"
@@ -70,41 +72,6 @@ def config_metadata(ms: ModelSource, components) -> dict[str, str]:
             **({"vae_decoder": "frame"} if ms.frame_decoder else {})}
 
 
-def present_components(ms: ModelSource) -> list[str]:
-    """The components the source holds (an original file may lack the image encoder, say)."""
-    found = []
-    for component in COMPONENTS:
-        keys = ms.files[component].keys() if component in ms.files else set()
-        if ms.fmt == "original":
-            prefix = {"unet": ORIGINAL_PREFIX, "vae_encoder": vae_keymap.ENCODER_PREFIX,
-                      "vae_decoder": vae_keymap.DECODER_PREFIX, "image_encoder": clip_keymap.ORIGINAL_PREFIX}[component]
-        elif ms.fmt == SVDLITE_FORMAT:
-            prefix = SVDLITE_PREFIXES[component]
-        else:
-            prefix = ""
-        if any(k.startswith(prefix) for k in keys):
-            found.append(component)
-    return found
-
-
-def save_aligned(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
-    """Write a safetensors file (u64 header length, JSON header, data) with its data 64-byte aligned: the header
-    padded with spaces (as the format allows) to a multiple of 64 bytes, tensors of 64-multiple size first."""
-    names = {v: k for k, v in SAFETENSORS_DTYPES.items()}
-    order = sorted(tensors, key=lambda k: (tensors[k].nbytes % ALIGNMENT != 0, k))
-    header, offset = {"__metadata__": metadata}, 0
-    for key in order:
-        t = tensors[key]
-        header[key] = {"dtype": names[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
-        offset += t.nbytes
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-(8 + len(raw)) % ALIGNMENT)
-    with open(path, "wb") as fh:
-        fh.write(len(raw).to_bytes(8, "little") + raw)
-        for key in order:
-            fh.write(memoryview(tensors[key].detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()))
-
-
 def write_svdlite(out: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str], *,
                   force: bool = False) -> None:
     """Atomically write an svdlite file: temp file in the target folder, reload and compare, then rename."""
@@ -147,11 +114,8 @@ def convert(ms: ModelSource, out: Path, *, dtype: torch.dtype = torch.float16, f
         log(f"warning: {ms.path} has no {c}; the converted file will not have it either (generation needs all four)")
     tensors, counts = {}, {}
     for component in tqdm(components, desc="converting", unit="component", disable=not progress):
-        model = build_component(component, ms, fold_product=True)  # the product, computed here once
-        shapes = state_shapes(model)
-        plan, scope, ignored = component_plan(ms, component, shapes)
-        load_planned(model, ms.files[component], plan, scope=scope, ignored=ignored, dtype=dtype, device="cpu",
-                     label=f"{ms.fmt}-format {component} ({ms.path})", shapes=shapes)
+        # the folded cross-attention as its product, computed here once (in float32 or wider, rounded to dtype)
+        model = load_component(ms, component, dtype=dtype, fold_product=True)
         state = {k: v.contiguous() for k, v in model.state_dict().items()}
         counts[component] = sum(v.numel() for v in state.values())
         tensors.update({SVDLITE_PREFIXES[component] + k: v for k, v in state.items()})

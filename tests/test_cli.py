@@ -122,7 +122,7 @@ def test_bad_arguments(tiny):
 
 
 def test_info_on_a_preset_does_not_download(monkeypatch):
-    from svdlite.components import describe
+    from svdlite.info import describe
 
     monkeypatch.setattr("huggingface_hub.hf_hub_download", lambda *a, **k: pytest.fail("info downloaded"))
     text = "\n".join(describe("svd-xt-1.1"))

@@ -13,7 +13,7 @@ from svdlite import load_unet
 from svdlite.clip import CLIPVisionConfig
 from svdlite.components import load_model
 from svdlite.convert import sha256_of
-from svdlite.loading import fold_matmul
+from svdlite.read_plans import fold_matmul
 from svdlite.testing import original_checkpoint_shapes, random_tensors
 from svdlite.unet import UNetConfig
 from svdlite.vae import VAEConfig
@@ -216,7 +216,7 @@ def test_file_with_the_blend_folded_in_still_loads(tmp_path):
     both the scaled tensors and the metadata (no second fold, no lost fold)."""
     from safetensors.torch import load_file
 
-    from svdlite.convert import save_aligned
+    from svdlite.tensor_source import save_aligned
     from svdlite.unet_blocks import VideoResBlock
 
     src, new, old, again = (tmp_path / n for n in ("svd_xt.safetensors", "new.st", "old.st", "again.st"))

@@ -15,9 +15,10 @@ from PIL import Image
 from safetensors.torch import save_file
 
 import svdlite
-from svdlite.components import open_model_source
+from svdlite.formats import open_model_source
 from svdlite.image import MAX_PIXELS, open_image
-from svdlite.loading import CheckpointError, TensorSource
+from svdlite.checkpoint_file import CheckpointError
+from svdlite.tensor_source import TensorSource
 
 SECONDS = 3.0  # per fuzz test
 CASE_ALARM = 10  # seconds; a case that takes longer counts as a hang

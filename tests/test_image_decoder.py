@@ -4,7 +4,8 @@ UNet and conditioner, but a plain 2-D SD decoder (`first_stage_model.decoder.*` 
 import torch
 from safetensors import safe_open
 
-from svdlite.components import describe, load_model
+from svdlite.components import load_model
+from svdlite.info import describe
 from svdlite.pipeline import generate
 from svdlite.testing import random_tensors
 from svdlite.vae import FrameDecoder, VideoDecoder

@@ -17,8 +17,11 @@ import svdlite
 from svdlite import cli, errors
 from svdlite.checkpoint_file import EXPECTED, CheckpointError, read_header
 from svdlite.checks import resolve_dtype
-from svdlite.components import component_bytes, describe, describe_sampling, load_model, open_model_source
-from svdlite.loading import TensorSource
+from svdlite.components import load_model
+from svdlite.formats import open_model_source
+from svdlite.info import describe, describe_sampling
+from svdlite.read_plans import component_bytes
+from svdlite.tensor_source import TensorSource
 from svdlite.presets import PRESETS
 
 TINY_FILE = Path(svdlite.__file__).parent / "assets" / "tiny.safetensors"

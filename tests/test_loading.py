@@ -9,9 +9,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from svdlite import loading
-from svdlite.convert import save_aligned
-from svdlite.loading import ALIGNMENT, TensorSource, fold_matmul, load_unet
+from svdlite import strict_load, tensor_source
+from svdlite.formats import open_model_source
+from svdlite.loading import load_component, load_unet
+from svdlite.read_plans import fold_matmul
+from svdlite.tensor_source import ALIGNMENT, TensorSource, save_aligned
 from svdlite.testing import random_tensors
 from svdlite.unet_keymap import ORIGINAL_PREFIX
 
@@ -31,7 +33,7 @@ def test_float32_fold_error_against_float64():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_converted_reads_equal_a_cast_in_small_pieces(tmp_path, monkeypatch, dtype):
     """fp16 file -> any dtype through a read buffer far smaller than the tensors: equal to safetensors + cast."""
-    monkeypatch.setattr(loading, "READ_BUFFER_BYTES", 96)  # 48 fp16 values per piece, tensors of 1..5000 values
+    monkeypatch.setattr(tensor_source, "READ_BUFFER_BYTES", 96)  # 48 fp16 values per piece, tensors of 1..5000 values
     tensors = random_tensors({"a": (5000,), "b": (7, 3, 3), "c": (1,), "d": (64, 65)}, seed=1, dtype=torch.float16)
     save_file(tensors, str(tmp_path / "x.safetensors"))
     src = TensorSource([tmp_path / "x.safetensors"])
@@ -150,11 +152,11 @@ def test_reads_are_reported_in_steps_that_add_up_to_the_bytes_read(tmp_path, mon
     path = tmp_path / "svd.safetensors"
     write_original_unet(path, TINY, seed=5, dtype=torch.float16)
     quiet = load_unet(path, TINY, dtype=torch.float32)
-    monkeypatch.setattr(loading, "PROGRESS_BYTES", 4096)
+    monkeypatch.setattr(strict_load, "PROGRESS_BYTES", 4096)
     calls = []
-    real = loading.load_planned
-    monkeypatch.setattr(loading, "load_planned", lambda *a, **k: real(*a, **k, on_read=calls.append))
-    model, src = load_unet(path, TINY, dtype=torch.float32, return_source=True)
+    ms = open_model_source(path, require_all=False, unet_config=TINY)
+    model = load_component(ms, "unet", dtype=torch.float32, on_read=calls.append)
+    src = ms.files["unet"]
     assert sum(calls) == sum(src.nbytes(k) for k in src.reads) and len(calls) > 10
     assert all(n >= 4096 for n in calls[:-1]) and 0 < calls[-1]
     assert all(torch.equal(a, b) for a, b in zip(quiet.state_dict().values(), model.state_dict().values()))

@@ -245,7 +245,7 @@ def test_unwritable_output_folder_is_refused_before_the_model_loads(tmp_path, mo
 
 
 def test_diffusers_folder_with_pickle_weights_says_so(tmp_path):
-    from svdlite.components import open_model_source
+    from svdlite.formats import open_model_source
 
     (tmp_path / "unet").mkdir()
     save_file({"conv_in.weight": torch.zeros(1), "down_blocks.0.temporal_x": torch.zeros(1)},
@@ -304,7 +304,7 @@ def test_clean_errors_from_a_thread_too(capsys):
 
 
 def test_info_says_whether_a_file_is_complete(tmp_path):
-    from svdlite.components import describe
+    from svdlite.info import describe
 
     assert describe("tiny")[-1].startswith("complete: yes")
     with safe_open(str(TINY_FILE), "pt") as f:

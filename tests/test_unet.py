@@ -1,5 +1,6 @@
 """VideoUNet structure, config validation, the loader's key coverage at full size (meta device) and its errors."""
 import csv
+import dataclasses
 
 import pytest
 import torch
@@ -7,7 +8,9 @@ import torch
 from helpers import KEYMAPS, TINY, original_unet_shapes, write_original_unet
 from svdlite import UNetConfig, VideoUNet
 from svdlite.attention import attention, attention_reference
-from svdlite.loading import CheckpointError, expected_unet_source_keys, load_unet
+from svdlite.checkpoint_file import CheckpointError
+from svdlite.loading import load_unet
+from svdlite.read_plans import expected_unet_source_keys
 from svdlite.unet_keymap import ORIGINAL_PREFIX
 
 
@@ -106,6 +109,18 @@ def test_error_wrong_shape(tmp_path):
 def test_error_wrong_config_names_shapes(tmp_path):
     write_original_unet(tmp_path / "u.safetensors", TINY)
     with pytest.raises(CheckpointError, match="model_channels=320"):
+        load_unet(tmp_path / "u.safetensors", UNetConfig())
+
+
+def test_network_read_from_an_original_files_shapes(tmp_path):
+    """Without a config, an original file's network is read from its shapes (formats.open_model_source, the one
+    answer for load_model, load_unet, conversion and info). Head width is not in the shapes: SVD's 64 is taken; a
+    network whose widths it does not divide is refused with what to pass."""
+    wide = dataclasses.replace(TINY, model_channels=64, num_head_channels=64)
+    write_original_unet(tmp_path / "wide.safetensors", wide)
+    assert load_unet(tmp_path / "wide.safetensors").config == wide
+    write_original_unet(tmp_path / "u.safetensors", TINY)
+    with pytest.raises(CheckpointError, match=r"not a multiple of num_head_channels 64.*config=UNetConfig"):
         load_unet(tmp_path / "u.safetensors")
 
 

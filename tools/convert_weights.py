@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from svdlite.errors import run_cleanly
-from svdlite.components import open_model_source
+from svdlite.formats import open_model_source
 from svdlite.convert import convert
 from svdlite.presets import PRESETS
 

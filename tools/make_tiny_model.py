@@ -21,7 +21,7 @@ import torch
 
 from svdlite import __version__
 from svdlite.clip import CLIPVisionConfig, build_image_encoder
-from svdlite.components import COMPONENTS, SVDLITE_PREFIXES
+from svdlite.formats import COMPONENTS, SVDLITE_PREFIXES
 from svdlite.convert import write_svdlite
 from svdlite.testing import random_tensors
 from svdlite.unet import UNetConfig, VideoUNet
