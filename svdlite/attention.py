@@ -42,7 +42,9 @@ class SelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q, k, v = (rearrange(f(x), "b n (h d) -> b h n d", h=self.heads) for f in (self.to_q, self.to_k, self.to_v))
-        return self.to_out(rearrange(attention(q, k, v), "b h n d -> b n (h d)"))
+        out = rearrange(attention(q, k, v), "b h n d -> b n (h d)")
+        del q, k, v  # dead once attended: not live beside to_out's result
+        return self.to_out(out)
 
     def probabilities(self, x: torch.Tensor) -> torch.Tensor:
         """The explicit attention map softmax(q k^T / sqrt(d)) in float32, (b, heads, n, n); the fused kernel of
@@ -62,7 +64,9 @@ class CrossAttention(SelfAttention):
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         q = rearrange(self.to_q(x), "b n (h d) -> b h n d", h=self.heads)
         k, v = (rearrange(f(context), "b n (h d) -> b h n d", h=self.heads) for f in (self.to_k, self.to_v))
-        return self.to_out(rearrange(attention(q, k, v), "b h n d -> b n (h d)"))
+        out = rearrange(attention(q, k, v), "b h n d -> b n (h d)")
+        del q, k, v
+        return self.to_out(out)
 
 
 class SingleTokenAttention(nn.Module):

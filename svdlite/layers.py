@@ -10,6 +10,9 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from . import kernels
+from .kernels import CONV_LINEAR_MIN_ROWS  # noqa: F401  (re-exported: tools and docs name it here)
+
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
     """sgm `timestep_embedding`: [cos(t*f), sin(t*f)] (cos first), f_i = max_period^(-i/half), in float32."""
@@ -22,13 +25,9 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
     return emb
 
 
-# fewest rows for which `linear` runs as a 1x1 convolution: below, oneDNN's per-call weight reorder costs more than
-# its faster kernel saves (28 rows: 1.9-2.1x F.linear's time; 112: 1.15x; 256-28672: 0.73-0.92x; docs/SPEED.md)
-CONV_LINEAR_MIN_ROWS = 256
-
-
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear(x, weight, bias); float32 on the CPU with >= CONV_LINEAR_MIN_ROWS rows as a 1x1 convolution.
+    """F.linear(x, weight, bias); float32 on the CPU with >= CONV_LINEAR_MIN_ROWS rows as a 1x1 convolution
+    (`kernels.conv_linear` decides).
 
     The rows of x, as they lie in memory, are the pixels of a channels-last (1, K, rows, 1) image, and weight
     (N, K) viewed as (N, K, 1, 1) is a 1x1 convolution of it: the same products, through oneDNN's convolution
@@ -37,10 +36,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     i.e. row-major (rows, N)). Other dtypes and devices, and code under torch.compile, take F.linear."""
     k = x.shape[-1]
     rows = x.numel() // k if k else 0
-    # under torch.compile the compiler chooses its own kernels (and cannot trace the oneDNN availability query)
-    if (x.device.type != "cpu" or x.dtype != torch.float32 or rows < CONV_LINEAR_MIN_ROWS
-            or torch.compiler.is_compiling()
-            or not torch.backends.mkldnn.is_available() or not torch.backends.mkldnn.enabled):
+    if not kernels.conv_linear(x, rows):
         return F.linear(x, weight, bias)
     image = x.reshape(1, rows, 1, k).permute(0, 3, 1, 2)
     out = F.conv2d(image, weight[:, :, None, None], bias)
@@ -50,7 +46,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 class SkipMetaInit:
     """Mixin for torch layers: `reset_parameters` does nothing while the layer's parameters are on the meta device.
 
-    Models are built on the meta device only to be loaded (`loading.load_planned` replaces every tensor),
+    Models are built on the meta device only to be loaded (`strict_load.load_planned` replaces every tensor),
     and initialising meta tensors, each op through torch's device mode, cost 0.06-0.15 s of building the UNet
     (0.04 s without it; docs/SPEED.md). On a real device the layer initialises exactly as its torch class."""
 
@@ -89,7 +85,23 @@ class GroupNorm32(GroupNorm):
         super().__init__(32, num_channels, eps=eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.group_norm(x.float(), self.num_groups, self.weight.float(), self.bias.float(), self.eps).type(x.dtype)
+        return _float32_group_norm(self, x)
+
+
+def _float32_group_norm(norm: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
+    """norm(x) computed in float32, returned in x's dtype. Half-precision input is normalised in sample chunks when
+    its float32 copy is large (`kernels.norm_rows`): every sample has its own statistics, so each chunk is the same
+    computation, and the float32 copy and result never exist for the whole batch (2 x 1,688 MiB beside the
+    843 MiB input at the UNet's level-0 concatenations, SVD-XT 1024x576 x 25 frames, docs/memory.md)."""
+    rows = kernels.norm_rows(x)
+    if rows is None:
+        return F.group_norm(x.float(), norm.num_groups, norm.weight.float(), norm.bias.float(), norm.eps).type(x.dtype)
+    out = torch.empty_like(x)
+    for start in range(0, x.shape[0], rows):
+        part = x[start:start + rows].float()
+        out[start:start + rows] = F.group_norm(part, norm.num_groups, norm.weight.float(), norm.bias.float(),
+                                               norm.eps)
+    return out
 
 
 class UpcastGroupNorm(GroupNorm):
@@ -98,8 +110,7 @@ class UpcastGroupNorm(GroupNorm):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype in (torch.float16, torch.bfloat16):
-            return F.group_norm(x.float(), self.num_groups, self.weight.float(), self.bias.float(),
-                                self.eps).type(x.dtype)
+            return _float32_group_norm(self, x)
         return super().forward(x)
 
 
@@ -144,15 +155,14 @@ class ResBlock(nn.Module):
             if self.exchange_temb_dims:
                 e = rearrange(e, "b t c -> b c t")
             h += e.reshape(*e.shape, *([1] * (h.ndim - e.ndim)))  # h is the conv's fresh output: in place
-        return self.out_layers(h)
+        # layer by layer, h rebound: in_layers' output dies once out_layers' norm has read it (passed to
+        # `out_layers(h)` it would stay bound here through the whole Sequential: the VAE decoder's peak)
+        for layer in self.out_layers:
+            h = layer(h)
+        return h
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor | None = None) -> torch.Tensor:
         return self.branch(x, emb).add_(self.skip_connection(x))
-
-
-# bytes of one chunk of GEGLU's projection (rows x 2 inner) in FeedForward: below glibc's largest mmap threshold
-# (32 MiB), so chunk buffers come from the heap again instead of fresh zeroed pages at every call (CPU only)
-FF_CHUNK_BYTES = 16 * 2**20
 
 
 class GEGLU(nn.Module):
@@ -175,11 +185,14 @@ class FeedForward(nn.Module):
         self.net = nn.Sequential(GEGLU(dim, dim * mult), nn.Identity(), Linear(dim * mult, dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = max(1, FF_CHUNK_BYTES // (self.net[0].proj.out_features * x.element_size()))
-        if x.device.type != "cpu" or x.ndim < 2 or x[..., 0].numel() <= rows:
+        rows = kernels.ff_rows(x, self.net[0].proj.out_features)
+        if rows is None:
             return self.net(x)
-        # token rows in chunks: each chunk's (rows, 8 dim) GEGLU projection stays small enough for the allocator to
-        # reuse (no fresh pages per call) and for the cache to hold between the two products; rows are independent
+        # token rows in chunks (rows are independent): on the CPU each chunk's (rows, 8 dim) projection stays small
+        # enough for the allocator to reuse and the cache to hold; elsewhere the (rows, 8 dim) projection and its
+        # (rows, 4 dim) GELU product never exist for all rows at once. Each chunk's result goes into one output.
         flat = x.reshape(-1, x.shape[-1])
-        out = torch.cat([self.net(flat[start:start + rows]) for start in range(0, flat.shape[0], rows)])
+        out = flat.new_empty(flat.shape[0], self.net[2].out_features)
+        for start in range(0, flat.shape[0], rows):
+            out[start:start + rows] = self.net(flat[start:start + rows])
         return out.view(*x.shape[:-1], out.shape[-1])

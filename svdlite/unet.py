@@ -253,6 +253,10 @@ class VideoUNet(nn.Module):
         for i in range(first_out, n_out):
             if i == n_out - 1 - (cache_depth or 0) and features is None:
                 features = h
-            h = run(f"output_blocks.{i}", self.output_blocks[i], torch.cat([h, skips.pop()], dim=1))
+            # the concatenation handed over in a list the block empties: it dies once the block's first layer has
+            # read it, and h (rebound to the list) once the concatenation is made; held as arguments, both would
+            # stay live through the block's transformer (1.4 GiB at SVD-XT 1024x576 x 25 frames, docs/memory.md)
+            h = [torch.cat([h, skips.pop()], dim=1)]
+            h = run(f"output_blocks.{i}", self.output_blocks[i], h)
         out = self.out(h)
         return out if cache_depth is None else (out, features)

@@ -131,10 +131,13 @@ class VideoTransformerBlock(_TransformerBlock):
 
     def forward(self, x: torch.Tensor, ctx_vec: torch.Tensor, num_frames: int, stats: dict | None = None
                 ) -> torch.Tensor:
-        """x: ((b t), S, C); ctx_vec: (b, C), one per video (from its first frame's token).
+        """x: ((b t), S, C), or a list holding only it, which the block empties (so it dies once rearranged);
+        ctx_vec: (b, C), one per video (from its first frame's token).
 
         stats: when a dict is given (F3 calibration only), `stats["attention"]` is set to the mean attention mass a
         frame's query puts on the OTHER frames (1 - the diagonal of the softmax map), over rows, heads and frames."""
+        if isinstance(x, list):
+            x = x.pop()
         b, s = x.shape[0] // num_frames, x.shape[1]
         x = rearrange(x, "(b t) s c -> (b s) t c", t=num_frames)
         x = self.ff_in(self.norm_in(x)).add_(x)  # sums into fresh tensors only, as in BasicTransformerBlock
@@ -202,7 +205,9 @@ class SpatialVideoTransformer(nn.Module):
             if emb is None:
                 emb = self.frame_embedding(num_frames, x.shape[0], x.device, x.dtype)
             stats = None if record is None else record.setdefault(d, {})
-            x_mix = mix_block(x + emb, temporal_vec, num_frames, stats)
+            # the sum handed over in a list: it dies once the block has rearranged it (as an argument it would live
+            # through the whole temporal block)
+            x_mix = mix_block([x + emb], temporal_vec, num_frames, stats)
             if stats is not None:
                 alpha = torch.sigmoid(self.time_mixer.mix_factor.float()).item()
                 stats["contribution"] = ((1.0 - alpha) * (x_mix.float() - x.float()).norm() / x.float().norm()).item()
@@ -238,7 +243,10 @@ class TimestepEmbedSequential(nn.Sequential):
     """A numbered block (`input_blocks.i`), passing each layer what it takes."""
 
     def forward(self, x, emb, ctx_vecs, num_frames: int, image_only_indicator, skip=(), record: dict | None = None):
-        """skip / record: passed to the block's SpatialVideoTransformer (see there)."""
+        """x: the block's input, or a list holding only it, which the block empties (the input then dies after the
+        first layer, not with the call); skip / record: passed to the block's SpatialVideoTransformer (see there)."""
+        if isinstance(x, list):
+            x = x.pop()
         for layer in self:
             if isinstance(layer, VideoResBlock):
                 x = layer(x, emb, num_frames, image_only_indicator)

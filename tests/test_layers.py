@@ -7,7 +7,7 @@ from einops import rearrange
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from svdlite import layers, vae
+from svdlite import kernels, layers, vae
 
 # float32 products of length K summed in another order: |error| <= ~K * eps * max|terms|; these K (<= 512) and
 # unit-scale data stay well inside 1e-5 of the output's largest value
@@ -70,7 +70,7 @@ def test_feed_forward_in_row_chunks_equals_one_pass(monkeypatch):
         calls = []
         handle = ff.net[0].register_forward_hook(lambda m, a, out: calls.append(a[0].shape[0]))
         # a chunk of 64 rows: 64 x 256 float32 = 64 KiB
-        monkeypatch.setattr(layers, "FF_CHUNK_BYTES", 64 * 2 * 4 * 32 * 4)
+        monkeypatch.setattr(kernels, "FF_CHUNK_BYTES", 64 * 2 * 4 * 32 * 4)
         chunked = ff(x)
         handle.remove()
     assert calls == [64] * 11 + [46]
