@@ -56,37 +56,7 @@ def load_planned(model: nn.Module, src: TensorSource, plan: dict[str, Entry], *,
     on_read: called with the file bytes read so far since its last call, every PROGRESS_BYTES or so and once at
     the end (a progress bar's update).
     """
-    expected = shapes
-    if set(plan) != set(expected):
-        raise AssertionError(f"{label}: read plan and model disagree: {_fmt_keys(set(plan) ^ set(expected))}")
-    needed = {s for e in plan.values() for s in e.sources}
-    missing, unexpected = needed - src.keys(), scope - needed - set(ignored)
-    if missing or unexpected:
-        parts = [f"{len(missing)} missing: {_fmt_keys(missing)}"] if missing else []
-        parts += [f"{len(unexpected)} unexpected: {_fmt_keys(unexpected)}"] if unexpected else []
-        raise CheckpointError(f"{label} does not match the expected network: " + "; ".join(parts))
-    wrong = []
-    for key, entry in plan.items():
-        shapes = [src.shape(s) for s in entry.sources]
-        try:
-            if entry.combine is None:
-                shape = shapes[0]
-            elif entry.shape is not None:
-                shape = tuple(entry.shape(*shapes))
-            else:
-                shape = tuple(entry.combine(*(torch.empty(s, device="meta") for s in shapes)).shape)
-        except RuntimeError:
-            shape = tuple(shapes)
-        if shape != expected[key]:
-            wrong.append(f"{entry.sources[0]}: file {shape if entry.combine is None else tuple(shapes)}, "
-                         f"expected {expected[key]}")
-    if wrong:
-        raise CheckpointError(f"{len(wrong)} tensors of {label} have the wrong shape: " + "; ".join(wrong[:8])
-                              + (f" ... (+{len(wrong) - 8} more)" if len(wrong) > 8 else ""))
-    not_float = sorted(f"{s} ({src.dtype(s)})" for s in needed if src.dtype(s) not in FLOAT_DTYPES)
-    if not_float:
-        raise CheckpointError(f"{len(not_float)} tensors of {label} are not floating point, expected F32, F16 or "
-                              f"BF16: {_fmt_keys(not_float)}")
+    check_plan(src, plan, shapes, scope=scope, ignored=ignored, label=label)
     state, work = {}, torch.promote_types(dtype, torch.float32)  # combined tensors: computed in >= float32
     pending = 0
     for key, entry in plan.items():
@@ -106,6 +76,48 @@ def load_planned(model: nn.Module, src: TensorSource, plan: dict[str, Entry], *,
     if left:
         raise CheckpointError(f"{label}: tensors left unloaded: {_fmt_keys(left)}")
     return model
+
+
+def check_plan(src: TensorSource, plan: dict[str, Entry], expected: dict[str, tuple[int, ...]], *, scope: set[str],
+               ignored: set[str], label: str) -> None:
+    """Before anything is read: the file's keys (missing, unexpected), then every shape, then every dtype, each kind
+    of problem raised as one CheckpointError naming the keys."""
+    if set(plan) != set(expected):
+        raise AssertionError(f"{label}: read plan and model disagree: {_fmt_keys(set(plan) ^ set(expected))}")
+    needed = {s for e in plan.values() for s in e.sources}
+    missing, unexpected = needed - src.keys(), scope - needed - set(ignored)
+    if missing or unexpected:
+        parts = [f"{len(missing)} missing: {_fmt_keys(missing)}"] if missing else []
+        parts += [f"{len(unexpected)} unexpected: {_fmt_keys(unexpected)}"] if unexpected else []
+        raise CheckpointError(f"{label} does not match the expected network: " + "; ".join(parts))
+    wrong = [f"{entry.sources[0]}: file {_file_shapes(src, entry)}, expected {expected[key]}"
+             for key, entry in plan.items() if _made_shape(src, entry) != expected[key]]
+    if wrong:
+        raise CheckpointError(f"{len(wrong)} tensors of {label} have the wrong shape: " + "; ".join(wrong[:8])
+                              + (f" ... (+{len(wrong) - 8} more)" if len(wrong) > 8 else ""))
+    not_float = sorted(f"{s} ({src.dtype(s)})" for s in needed if src.dtype(s) not in FLOAT_DTYPES)
+    if not_float:
+        raise CheckpointError(f"{len(not_float)} tensors of {label} are not floating point, expected F32, F16 or "
+                              f"BF16: {_fmt_keys(not_float)}")
+
+
+def _file_shapes(src: TensorSource, entry: Entry):
+    """The file's shape of an entry's tensor, or of its sources (a combined entry), as an error names them."""
+    shapes = tuple(src.shape(s) for s in entry.sources)
+    return shapes[0] if entry.combine is None else shapes
+
+
+def _made_shape(src: TensorSource, entry: Entry):
+    """The shape an entry makes from the file's tensors (the sources' shapes where they cannot combine)."""
+    shapes = [src.shape(s) for s in entry.sources]
+    if entry.combine is None:
+        return shapes[0]
+    try:
+        if entry.shape is not None:
+            return tuple(entry.shape(*shapes))
+        return tuple(entry.combine(*(torch.empty(s, device="meta") for s in shapes)).shape)
+    except RuntimeError:
+        return tuple(shapes)
 
 
 def assign_state(model: nn.Module, state: dict[str, torch.Tensor]) -> list[str]:

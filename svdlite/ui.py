@@ -328,106 +328,125 @@ class Page:
     def build(self):
         import gradio as gr
 
-        s = self.model.sampling
         with gr.Blocks(title="svdlite", delete_cache=CACHE_CLEANUP, analytics_enabled=False) as app:
             gr.Markdown(self.header())
             with gr.Row():
                 with gr.Column():
-                    image = gr.File(label="Image (drop or click; PNG, JPEG, WebP, ...)", file_types=["image"],
-                                    type="filepath", elem_id="image")
-                    crop = gr.Image(label="Crop to the output size", interactive=False, height=260,
-                                    buttons=["fullscreen"], elem_id="crop")
-                    speed = gr.Radio(SPEED_CHOICES, value="exact", label="Speed", info=SPEED_INFO,
-                                     elem_id="speed")
-                    with gr.Row():
-                        seed = gr.Number(label="Seed", value=0, precision=0, minimum=None, elem_id="seed")
-                        randomize = gr.Checkbox(label="Random seed", value=True, elem_id="randomize",
-                                                info="the seed used is shown after the run")
-                    with gr.Row():
-                        motion = gr.Number(label="Motion bucket", value=s.motion_bucket_id, elem_id="motion",
-                                           info="more motion when higher (trained on 0..255)")
-                        fps = gr.Number(label="FPS", value=s.fps, elem_id="fps",
-                                        info="the model is conditioned on fps - 1")
-                    with gr.Row():
-                        frames = gr.Number(label="Frames", value=s.num_frames, elem_id="frames")
-                        steps = gr.Textbox(label="Steps", value="", elem_id="steps", max_lines=1,
-                                           placeholder=f"{s.num_inference_steps} (fast: 10)",
-                                           info="blank: the model's, or the speed level's")
-                    with gr.Row():
-                        min_guidance = gr.Number(label="Min guidance", value=s.min_guidance_scale,
-                                                 elem_id="min_guidance", info="first frame")
-                        max_guidance = gr.Number(label="Max guidance", value=s.max_guidance_scale,
-                                                 elem_id="max_guidance", info="last frame")
-                        noise_aug = gr.Number(label="Noise augmentation", value=s.noise_aug_strength,
-                                              elem_id="noise_aug")
-                    with gr.Row():
-                        width = gr.Number(label="Width", value=s.width, step=self.size_multiple, elem_id="width",
-                                          info=f"a multiple of {self.size_multiple}")
-                        height = gr.Number(label="Height", value=s.height, step=self.size_multiple,
-                                           elem_id="height", info=f"a multiple of {self.size_multiple}")
-                    with gr.Accordion("Advanced: approximate options (off by default)", open=False):
-                        f3_schedule = gr.File(label="F3 schedule (.json from svdlite calibrate)",
-                                              file_types=[".json"], type="filepath", elem_id="f3_schedule")
-                        f3_ratio = gr.Number(label="F3 ratio", value=0, elem_id="f3_ratio",
-                                             info="skip this ratio [0, 1) of the lowest-ranked temporal units")
-                        with gr.Row():
-                            cache_interval = gr.Textbox(label="Cache interval", value="", max_lines=1,
-                                                        elem_id="cache_interval", placeholder="1 (off)",
-                                                        info="every N-th step runs the whole UNet")
-                            cache_depth = gr.Textbox(label="Cache depth", value="", elem_id="cache_depth",
-                                                     max_lines=1, placeholder="0",
-                                                     info="the branch recomputed, 0 = shallowest")
-                        guidance_cut = gr.Textbox(label="Guidance cut step", value="", elem_id="guidance_cut",
-                                                  max_lines=1, placeholder="off",
-                                                  info="from this step on run only the conditional branch")
-                    also = gr.CheckboxGroup(list(EXTRA_FORMATS), value=[], label="Also save as (mp4 always)",
-                                            elem_id="also")
+                    inputs = self._settings(gr)
+                    inputs |= self._advanced(gr)
+                    inputs["also"] = gr.CheckboxGroup(list(EXTRA_FORMATS), value=[], label="Also save as (mp4 always)",
+                                                      elem_id="also")
                 with gr.Column():
-                    with gr.Row():
-                        run = gr.Button("Generate", variant="primary", elem_id="generate")
-                        stop = gr.Button("Cancel", variant="stop", elem_id="cancel")
-                    video = gr.Video(label="Video", interactive=False, elem_id="video", autoplay=True, loop=True,
-                                     buttons=["download"])
-                    files = gr.File(label="Download", file_count="multiple", interactive=False, elem_id="files")
-                    info = gr.Markdown(elem_id="info")
-
-            def preview(image, width, height):
-                return self.preview(image, width, height)
-
-            # the HTTP endpoint's parameters: these names; those a script leaves out take the page's first values
-            # (None here: blank, the preset's or the option's off-position). The run works in a thread of its own;
-            # when Gradio cancels the event (the Cancel button, a script's job.cancel()), it stops at its next step.
-            async def generate(image, speed="exact", seed=None, randomize_seed=True, motion_bucket_id=None,
-                               fps=None, num_frames=None, num_inference_steps=None, min_guidance_scale=None,
-                               max_guidance_scale=None, noise_aug_strength=None, width=None, height=None,
-                               f3_schedule=None, f3_ratio=None, cache_interval=None, cache_depth=None,
-                               guidance_cut_step=None, also_save_as=None, request: gr.Request = None,
-                               progress=gr.Progress(track_tqdm=True)):
-                flag = threading.Event()
-                try:
-                    return await asyncio.to_thread(  # the context too: Gradio's progress tracking is in it
-                        self.generate, image, speed, seed, randomize_seed, motion_bucket_id, fps, num_frames,
-                        num_inference_steps, min_guidance_scale, max_guidance_scale, noise_aug_strength, width,
-                        height, f3_schedule, f3_ratio, cache_interval, cache_depth, guidance_cut_step,
-                        also_save_as, request=request, progress=progress, cancel=flag)
-                except asyncio.CancelledError:
-                    flag.set()
-                    raise
-
-            def cancel(request: gr.Request):
-                return self.cancel(request)
-
-            for source in (image.change, width.change, height.change):
-                source(preview, [image, width, height], crop, api_visibility="private", concurrency_limit=1,
-                       concurrency_id="preview", show_progress="minimal",
-                       trigger_mode="always_last")  # one at a time, and the last values always shown
-            event = run.click(generate, [image, speed, seed, randomize, motion, fps, frames, steps, min_guidance,
-                                         max_guidance, noise_aug, width, height, f3_schedule, f3_ratio,
-                                         cache_interval, cache_depth, guidance_cut, also],
-                              [video, files, seed, info], api_name="generate", concurrency_limit=1,
-                              concurrency_id="model", show_progress_on=[video])
-            stop.click(cancel, None, info, cancels=[event], queue=False, api_visibility="private")
+                    outputs = self._outputs(gr)
+            self._connect(gr, inputs, outputs)
         return app
+
+    def _settings(self, gr) -> dict:
+        """The image, its crop preview, the speed level, the seed and the sampling settings (preset defaults)."""
+        s = self.model.sampling
+        c = {"image": gr.File(label="Image (drop or click; PNG, JPEG, WebP, ...)", file_types=["image"],
+                              type="filepath", elem_id="image"),
+             "crop": gr.Image(label="Crop to the output size", interactive=False, height=260, buttons=["fullscreen"],
+                              elem_id="crop"),
+             "speed": gr.Radio(SPEED_CHOICES, value="exact", label="Speed", info=SPEED_INFO, elem_id="speed")}
+        with gr.Row():
+            c["seed"] = gr.Number(label="Seed", value=0, precision=0, minimum=None, elem_id="seed")
+            c["randomize"] = gr.Checkbox(label="Random seed", value=True, elem_id="randomize",
+                                         info="the seed used is shown after the run")
+        with gr.Row():
+            c["motion"] = gr.Number(label="Motion bucket", value=s.motion_bucket_id, elem_id="motion",
+                                    info="more motion when higher (trained on 0..255)")
+            c["fps"] = gr.Number(label="FPS", value=s.fps, elem_id="fps", info="the model is conditioned on fps - 1")
+        with gr.Row():
+            c["frames"] = gr.Number(label="Frames", value=s.num_frames, elem_id="frames")
+            c["steps"] = gr.Textbox(label="Steps", value="", elem_id="steps", max_lines=1,
+                                    placeholder=f"{s.num_inference_steps} (fast: 10)",
+                                    info="blank: the model's, or the speed level's")
+        with gr.Row():
+            c["min_guidance"] = gr.Number(label="Min guidance", value=s.min_guidance_scale, elem_id="min_guidance",
+                                          info="first frame")
+            c["max_guidance"] = gr.Number(label="Max guidance", value=s.max_guidance_scale, elem_id="max_guidance",
+                                          info="last frame")
+            c["noise_aug"] = gr.Number(label="Noise augmentation", value=s.noise_aug_strength, elem_id="noise_aug")
+        with gr.Row():
+            c["width"] = gr.Number(label="Width", value=s.width, step=self.size_multiple, elem_id="width",
+                                   info=f"a multiple of {self.size_multiple}")
+            c["height"] = gr.Number(label="Height", value=s.height, step=self.size_multiple, elem_id="height",
+                                    info=f"a multiple of {self.size_multiple}")
+        return c
+
+    @staticmethod
+    def _advanced(gr) -> dict:
+        """The approximate options, folded away and off by default."""
+        c = {}
+        with gr.Accordion("Advanced: approximate options (off by default)", open=False):
+            c["f3_schedule"] = gr.File(label="F3 schedule (.json from svdlite calibrate)", file_types=[".json"],
+                                       type="filepath", elem_id="f3_schedule")
+            c["f3_ratio"] = gr.Number(label="F3 ratio", value=0, elem_id="f3_ratio",
+                                      info="skip this ratio [0, 1) of the lowest-ranked temporal units")
+            with gr.Row():
+                c["cache_interval"] = gr.Textbox(label="Cache interval", value="", max_lines=1,
+                                                 elem_id="cache_interval", placeholder="1 (off)",
+                                                 info="every N-th step runs the whole UNet")
+                c["cache_depth"] = gr.Textbox(label="Cache depth", value="", elem_id="cache_depth", max_lines=1,
+                                              placeholder="0", info="the branch recomputed, 0 = shallowest")
+            c["guidance_cut"] = gr.Textbox(label="Guidance cut step", value="", elem_id="guidance_cut", max_lines=1,
+                                           placeholder="off",
+                                           info="from this step on run only the conditional branch")
+        return c
+
+    @staticmethod
+    def _outputs(gr) -> dict:
+        c = {}
+        with gr.Row():
+            c["run"] = gr.Button("Generate", variant="primary", elem_id="generate")
+            c["stop"] = gr.Button("Cancel", variant="stop", elem_id="cancel")
+        c["video"] = gr.Video(label="Video", interactive=False, elem_id="video", autoplay=True, loop=True,
+                              buttons=["download"])
+        c["files"] = gr.File(label="Download", file_count="multiple", interactive=False, elem_id="files")
+        c["info"] = gr.Markdown(elem_id="info")
+        return c
+
+    def _connect(self, gr, i: dict, o: dict) -> None:
+        """The events: the crop preview follows the image and size; Generate runs one video at a time; Cancel."""
+        def preview(image, width, height):
+            return self.preview(image, width, height)
+
+        # the HTTP endpoint's parameters: these names; those a script leaves out take the page's first values
+        # (None here: blank, the preset's or the option's off-position). The run works in a thread of its own;
+        # when Gradio cancels the event (the Cancel button, a script's job.cancel()), it stops at its next step.
+        async def generate(image, speed="exact", seed=None, randomize_seed=True, motion_bucket_id=None,
+                           fps=None, num_frames=None, num_inference_steps=None, min_guidance_scale=None,
+                           max_guidance_scale=None, noise_aug_strength=None, width=None, height=None,
+                           f3_schedule=None, f3_ratio=None, cache_interval=None, cache_depth=None,
+                           guidance_cut_step=None, also_save_as=None, request: gr.Request = None,
+                           progress=gr.Progress(track_tqdm=True)):
+            flag = threading.Event()
+            try:
+                return await asyncio.to_thread(  # the context too: Gradio's progress tracking is in it
+                    self.generate, image, speed, seed, randomize_seed, motion_bucket_id, fps, num_frames,
+                    num_inference_steps, min_guidance_scale, max_guidance_scale, noise_aug_strength, width,
+                    height, f3_schedule, f3_ratio, cache_interval, cache_depth, guidance_cut_step,
+                    also_save_as, request=request, progress=progress, cancel=flag)
+            except asyncio.CancelledError:
+                flag.set()
+                raise
+
+        def cancel(request: gr.Request):
+            return self.cancel(request)
+
+        sizing = [i["image"], i["width"], i["height"]]
+        for source in (i["image"].change, i["width"].change, i["height"].change):
+            source(preview, sizing, i["crop"], api_visibility="private", concurrency_limit=1,
+                   concurrency_id="preview", show_progress="minimal",
+                   trigger_mode="always_last")  # one at a time, and the last values always shown
+        names = ("image", "speed", "seed", "randomize", "motion", "fps", "frames", "steps", "min_guidance",
+                 "max_guidance", "noise_aug", "width", "height", "f3_schedule", "f3_ratio", "cache_interval",
+                 "cache_depth", "guidance_cut", "also")  # in `generate`'s order
+        event = o["run"].click(generate, [i[n] for n in names], [o["video"], o["files"], i["seed"], o["info"]],
+                               api_name="generate", concurrency_limit=1, concurrency_id="model",
+                               show_progress_on=[o["video"]])
+        o["stop"].click(cancel, None, o["info"], cancels=[event], queue=False, api_visibility="private")
 
 
 def _track(progress, flag: threading.Event) -> None:
