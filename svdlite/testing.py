@@ -1,5 +1,7 @@
 """Random-weight checkpoints for tests, benchmarks and the bundled tiny model (never for real use), and the pieces
-the tests and tools share: the inputs of one guided UNet call, and a recorder of module outputs.
+the tests and tools share: the inputs of one guided UNet call, a recorder of module outputs, and a diffusers SVD
+pipeline folder with random weights (`write_diffusers_pipeline`; it needs the `test` extra, diffusers and
+transformers, imported inside it: svdlite itself never imports them).
 
 `random_tensors` follows the recipe of tests/reference/materialize.py, so every branch is live (sgm's own
 zero-inits would hide mistakes): norm scales ~1, biases small, weights ~ N(0, 1/fan_in), mix factors ~0.3.
@@ -135,3 +137,68 @@ def block_outputs(model: torch.nn.Module, keys, run) -> dict[str, torch.Tensor]:
         for h in hooks:
             h.remove()
     return got
+
+
+# SVD's scheduler/scheduler_config.json (stabilityai/stable-video-diffusion-img2vid[-xt]); the DDPM-only keys
+# set_alpha_to_one, skip_prk_steps, clip_sample are not EulerDiscreteScheduler arguments and are left out
+DIFFUSERS_SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                           prediction_type="v_prediction", interpolation_type="linear", use_karras_sigmas=True,
+                           sigma_min=0.002, sigma_max=700.0, timestep_spacing="leading", timestep_type="continuous",
+                           steps_offset=1)
+
+
+def _randomize(module: torch.nn.Module, seed: int) -> None:
+    """Every parameter of `module` replaced in place by `random_tensors(..., seed)` of its shapes."""
+    params = dict(module.named_parameters())
+    values = random_tensors({k: tuple(p.shape) for k, p in params.items()}, seed)
+    with torch.no_grad():
+        for k, p in params.items():
+            p.copy_(values[k])
+
+
+def write_diffusers_pipeline(folder, width: str, seed: int, *, num_frames: int = 14, fp16: bool = True) -> None:
+    """A diffusers SVD pipeline folder (`StableVideoDiffusionPipeline.save_pretrained`) at SVD's width ("full") or a
+    tiny one ("tiny"), every parameter random (`random_tensors`, seeds seed + 1000, 1001, 1002 for the UNet, VAE and
+    CLIP: diffusers' own init zeroes mix factors and several projections, which would hide mistakes); fp16 variant
+    files as the released checkpoints ship, or float32. num_frames: the UNet config's default frame count (a run's
+    own count is an argument of the call). The scheduler is SVD's (`DIFFUSERS_SCHEDULER`).
+
+    Needs the `test` extra (diffusers, transformers), imported here: the whole-run benchmark
+    (tools/bench_generate.py) and tests/test_pipeline_diffusers.py build their pipelines with it."""
+    from diffusers import (AutoencoderKLTemporalDecoder, EulerDiscreteScheduler, StableVideoDiffusionPipeline,
+                           UNetSpatioTemporalConditionModel)
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    if width == "full":
+        unet = UNetSpatioTemporalConditionModel(num_frames=num_frames)  # diffusers' defaults are SVD's network
+        # SVD's vae/config.json (diffusers' defaults are a one-level autoencoder)
+        vae = AutoencoderKLTemporalDecoder(down_block_types=("DownEncoderBlock2D",) * 4,
+                                           block_out_channels=(128, 256, 512, 512), layers_per_block=2,
+                                           latent_channels=4)
+        clip = CLIPVisionConfig(hidden_size=1280, intermediate_size=5120, projection_dim=1024, num_hidden_layers=32,
+                                num_attention_heads=16, image_size=224, patch_size=14, hidden_act="gelu",
+                                layer_norm_eps=1e-5)
+    elif width == "tiny":
+        unet = UNetSpatioTemporalConditionModel(
+            sample_size=8, in_channels=8, out_channels=4, block_out_channels=(32, 32, 64, 64),
+            num_attention_heads=(2, 2, 4, 4), layers_per_block=1, transformer_layers_per_block=1,
+            cross_attention_dim=48, addition_time_embed_dim=256, projection_class_embeddings_input_dim=768,
+            num_frames=num_frames)
+        vae = AutoencoderKLTemporalDecoder(down_block_types=("DownEncoderBlock2D",) * 4,
+                                           block_out_channels=(32, 32, 64, 64), layers_per_block=2, latent_channels=4,
+                                           sample_size=64)
+        clip = CLIPVisionConfig(hidden_size=32, intermediate_size=128, projection_dim=48, num_hidden_layers=2,
+                                num_attention_heads=4, image_size=224, patch_size=14, hidden_act="gelu",
+                                layer_norm_eps=1e-5)
+    else:
+        raise ValueError(f"width is 'full' or 'tiny', got {width!r}")
+    image_encoder = CLIPVisionModelWithProjection(clip)
+    for i, module in enumerate((unet, vae, image_encoder)):
+        _randomize(module, seed + 1000 + i)
+    pipe = StableVideoDiffusionPipeline(vae=vae, image_encoder=image_encoder, unet=unet,
+                                        scheduler=EulerDiscreteScheduler(**DIFFUSERS_SCHEDULER),
+                                        feature_extractor=CLIPImageProcessor())
+    if fp16:
+        pipe.to(torch.float16).save_pretrained(folder, variant="fp16")
+    else:
+        pipe.save_pretrained(folder)

@@ -1,6 +1,7 @@
 """Test helpers: synthetic checkpoints in the original sgm layout, made from a config (nothing downloaded), the
 tools/ scripts as modules, and where the full-size key tables live (tests/keymaps)."""
 import importlib.util
+import sys
 from pathlib import Path
 
 import torch
@@ -18,7 +19,11 @@ KEYMAPS = Path(__file__).resolve().parent / "keymaps"
 
 
 def load_tool(name: str):
-    """tools/<name>.py as a module (the tools are scripts, not a package)."""
+    """tools/<name>.py as a module (the tools are scripts, not a package). Its plain imports of the tools' shared
+    modules (`import benchlib`, `import bench_unet`) resolve as when it runs as `python tools/<name>.py`, where
+    Python looks in tools/ first: tools/ is put on the import path (last, so it shadows nothing)."""
+    if str(TOOLS) not in sys.path:
+        sys.path.append(str(TOOLS))
     spec = importlib.util.spec_from_file_location(name, TOOLS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

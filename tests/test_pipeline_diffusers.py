@@ -2,7 +2,7 @@
 
 A tiny diffusers SVD pipeline (UNetSpatioTemporalConditionModel, AutoencoderKLTemporalDecoder,
 CLIPVisionModelWithProjection, CLIPImageProcessor, EulerDiscreteScheduler configured like SVD's
-scheduler_config.json) is built by tools/bench_generate.py's `write_pipeline` (the benchmark's whole-run pipeline,
+scheduler_config.json) is built by `svdlite.testing.write_diffusers_pipeline` (the whole-run benchmark's pipeline,
 at tiny width) with every parameter randomised (svdlite.testing.random_tensors: diffusers' own init zeroes mix
 factors and several projections, which would hide mistakes), saved with `save_pretrained`, then
 loaded by both sides: diffusers through `from_pretrained`, svdlite through `load_model(folder)`. Both run the same
@@ -34,10 +34,8 @@ import torch
 from svdlite.clip import CLIPVisionConfig
 from svdlite.components import load_model
 from svdlite.pipeline import decode, generate
+from svdlite.testing import write_diffusers_pipeline
 
-from helpers import load_tool
-
-bench_generate = load_tool("bench_generate")
 # diffusers and transformers (the `test` extra) are imported where they are used, so collecting this file stays
 # cheap; a missing one is an error, not a skip.
 # diffusers' EulerDiscreteScheduler calls np.array on a tensor with copy=False (numpy 2 deprecation), not ours
@@ -61,7 +59,7 @@ def abs_err(a, b) -> float:
 
 def build_tiny_pipeline(folder) -> None:
     """The tiny pipeline, float32 files, random weights (seeds 1000-1002), its UNet configured for FRAMES frames."""
-    bench_generate.write_pipeline(folder, "tiny", 0, num_frames=FRAMES, fp16=False)
+    write_diffusers_pipeline(folder, "tiny", 0, num_frames=FRAMES, fp16=False)
 
 
 def make_image():

@@ -1,4 +1,5 @@
-"""tools/benchmark.py and tools/measure_options.py at a tiny scale: they run and return sane structures.
+"""tools/benchmark.py (its unet part, tools/bench_unet.py) and tools/measure_options.py at a tiny scale: they run
+and return sane structures.
 
 No timing is asserted anywhere (the machine's speed is not a test); only shapes, keys and exact equalities.
 """
@@ -16,6 +17,8 @@ from svdlite.unet_keymap import diffusers_unet_params
 from helpers import load_tool
 
 bm = load_tool("benchmark")
+bu = load_tool("bench_unet")
+benchlib = load_tool("benchlib")
 mo = load_tool("measure_options")
 QUIET = lambda msg: None  # noqa: E731
 
@@ -25,12 +28,12 @@ QUIET = lambda msg: None  # noqa: E731
 def test_benchmark_tiny_width_runs_and_checks_equality():
     # (not fewer frames: at tiny width the deepest level is 1x1 with one channel per GroupNorm group, so a group
     # holds only T values and with T = 2 float32 rounding is amplified past the check's tolerance)
-    r = bm.benchmark(bm.WIDTHS["tiny"], frames=3, height=64, width=64, repeats=2, warmup=0, log=QUIET)
+    r = bu.benchmark(bu.WIDTHS["tiny"], frames=3, height=64, width=64, repeats=2, warmup=0, log=QUIET)
     assert r["equality"]["passed"], r["equality"]
     assert set(r["equality"]["max_rel_diff_vs_svdlite"]) == {"unfolded", "diffusers_sgm_eps", "diffusers"}
     assert r["equality"]["output_shape"] == [6, 4, 8, 8]  # (2 * frames, out_channels, latent h, latent w)
     assert r["batch"] == 6 and r["memory_mode"] == "all three loaded"
-    for name in bm.VARIANTS:
+    for name in bu.VARIANTS:
         s = r["seconds_per_call"][name]
         assert s["n"] == 2 and 0 < s["min"] <= s["median"] <= s["max"]
     for s in r["ratios"].values():
@@ -39,10 +42,14 @@ def test_benchmark_tiny_width_runs_and_checks_equality():
 
 
 def test_benchmark_phased_run_times_each_pair():
-    r = bm.benchmark(bm.WIDTHS["tiny"], frames=3, height=64, width=64, repeats=1, warmup=0, log=QUIET, phased=True)
+    r = bu.benchmark(bu.WIDTHS["tiny"], frames=3, height=64, width=64, repeats=1, warmup=0, log=QUIET, phased=True)
     assert r["memory_mode"] == "phased" and r["equality"]["passed"]
-    assert [r["seconds_per_call"][n]["n"] for n in bm.VARIANTS] == [1, 2, 1]  # svdlite runs in both phases
+    assert [r["seconds_per_call"][n]["n"] for n in bu.VARIANTS] == [1, 2, 1]  # svdlite runs in both phases
     assert r["ratios"]["diffusers/svdlite"]["n"] == r["ratios"]["unfolded/svdlite"]["n"] == 1
+    # without the ablation there is no third copy to make room for: --phased --no-unfolded (or --quick) is one pair
+    r = bu.benchmark(bu.WIDTHS["tiny"], frames=3, height=64, width=64, repeats=1, warmup=0, log=QUIET, phased=True,
+                     unfolded=False)
+    assert r["memory_mode"] == "diffusers and svdlite" and list(r["seconds_per_call"]) == ["diffusers", "svdlite"]
 
 
 def test_benchmark_cli_json(capsys):
@@ -56,18 +63,18 @@ def test_fold_and_diffusers_agree_in_float64(tmp_path):
     float64 noise; diffusers with the original GroupNorm eps equals svdlite to ~1e-6, the rounding of svdlite's
     deliberate float32 islands (GroupNorm32 and the mix-factor sigmoid run in float32, as in sgm); diffusers as
     shipped differs by more (its GroupNorm eps 1e-6 in some ResBlocks)."""
-    config = bm.WIDTHS["tiny"]
+    config = bu.WIDTHS["tiny"]
     inputs = unet_call_inputs(config, 3, 64, 64, seed=3)
-    unet = bm.build_diffusers_unet(config, 3, seed=3)
+    unet = benchlib.build_diffusers_unet(config, 3, seed=3)
     unet.save_pretrained(tmp_path)
-    runner = bm.Runner({k: tuple(a.double() for a in v) if isinstance(v, tuple) else v for k, v in inputs.items()})
+    runner = bu.Runner({k: tuple(a.double() for a in v) if isinstance(v, tuple) else v for k, v in inputs.items()})
     runner.add("diffusers", unet.double())
     runner.add("svdlite", load_unet(tmp_path, dtype=torch.float64))
     runner.add("unfolded", load_unet(tmp_path, dtype=torch.float64, fold_cross_attention=False))
     ref = runner.run("svdlite")
-    assert bm.rel_diff(runner.run("unfolded"), ref) < 1e-9
-    assert bm.rel_diff(bm.diffusers_with_sgm_eps(runner), ref) < 1e-5
-    assert bm.rel_diff(runner.run("diffusers"), ref) > 1e-5
+    assert benchlib.rel_diff(runner.run("unfolded"), ref) < 1e-9
+    assert benchlib.rel_diff(bu.diffusers_with_sgm_eps(runner), ref) < 1e-5
+    assert benchlib.rel_diff(runner.run("diffusers"), ref) > 1e-5
 
 
 def test_diffusers_kwargs_of_svd_are_diffusers_defaults():

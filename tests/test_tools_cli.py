@@ -56,6 +56,13 @@ def test_help_as_a_script_writes_nothing(name, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_the_tools_import_each_other_as_plain_modules():
+    """The benchmark scripts share tools/benchlib.py and tools/benchmark.py runs tools/bench_*.py by plain imports
+    (Python looks in a script's own folder first): no tool edits the import path."""
+    for path in sorted(TOOLS.glob("*.py")):
+        assert "sys.path" not in path.read_text(), f"{path.name} edits sys.path"
+
+
 # (tool, argv with {out} for the output that exists, what exists there: "file" or "folder")
 REFUSALS = [
     ("make_tiny_model", ["{out}"], "file"),

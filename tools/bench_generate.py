@@ -2,12 +2,12 @@
 """A whole image-to-video run, svdlite's `generate` against diffusers' `StableVideoDiffusionPipeline`.
 
 Used by tools/benchmark.py (`--parts generate`). One diffusers pipeline folder is written with random weights
-(every parameter from svdlite.testing.random_tensors, fp16 files as the released checkpoints ship) at SVD's full
-width or the tiny width; each side loads it through its own loader, in float32, in a fresh process per run
-(`--child`), and runs the same image, the same initial noise and the same settings (3 Euler steps, 14 frames,
-128x128 pixels, guidance 1.0 -> 2.5, decoding in chunks of 14 included). Timed: the generate / pipeline call
-(loading excluded); also reported: the process's peak resident memory. The outputs are checked to agree first:
-final latents (max |a - b| / max |b|) and uint8 frames (max step).
+(`svdlite.testing.write_diffusers_pipeline`: every parameter from svdlite.testing.random_tensors, fp16 files as the
+released checkpoints ship) at SVD's full width or the tiny width; each side loads it through its own loader, in
+float32, in a fresh process per run (`--child`), and runs the same image, the same initial noise and the same
+settings (3 Euler steps, 14 frames, 128x128 pixels, guidance 1.0 -> 2.5, decoding in chunks of 14 included).
+Timed: the generate / pipeline call (loading excluded); also reported: the process's peak resident memory. The
+outputs are checked to agree first: final latents (max |a - b| / max |b|) and uint8 frames (max step).
 
     python tools/bench_generate.py --write FOLDER [--width full|tiny] [--seed S] [--force]
     python tools/bench_generate.py --child diffusers|svdlite FOLDER OUT.npz [--threads N] [--seed S] [--force]
@@ -17,7 +17,7 @@ name beside it and renamed when complete.
 """
 import argparse
 import json
-import os
+import statistics
 import subprocess
 import sys
 import time
@@ -25,70 +25,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+import benchlib
 from svdlite.outputs import add_force, atomic_file, atomic_folder, check_outputs
+from svdlite.testing import write_diffusers_pipeline
 
 
 SETTINGS = dict(num_frames=14, num_inference_steps=3, fps=7, motion_bucket_id=127, noise_aug_strength=0.02,
                 min_guidance_scale=1.0, max_guidance_scale=2.5, decode_chunk_size=14, height=128, width=128)
-# SVD's scheduler/scheduler_config.json (stabilityai/stable-video-diffusion-img2vid[-xt]); the DDPM-only keys
-# set_alpha_to_one, skip_prk_steps, clip_sample are not EulerDiscreteScheduler arguments and are left out
-SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                 prediction_type="v_prediction", interpolation_type="linear", use_karras_sigmas=True, sigma_min=0.002,
-                 sigma_max=700.0, timestep_spacing="leading", timestep_type="continuous", steps_offset=1)
 LATENT_TOLERANCE = 5e-3  # diffusers' GroupNorm eps 1e-6 in some ResBlocks (svdlite: the original 1e-5), 3 steps
-
-
-def _randomize(module: torch.nn.Module, seed: int) -> None:
-    from svdlite.testing import random_tensors
-
-    params = dict(module.named_parameters())
-    values = random_tensors({k: tuple(p.shape) for k, p in params.items()}, seed)
-    with torch.no_grad():
-        for k, p in params.items():
-            p.copy_(values[k])
-
-
-def write_pipeline(folder: Path, width: str, seed: int, *, num_frames: int = 14, fp16: bool = True) -> None:
-    """A diffusers SVD pipeline folder at SVD's width ("full") or a tiny one, every parameter random
-    (svdlite.testing.random_tensors, seeds seed + 1000, 1001, 1002: diffusers' own init zeroes mix factors and several
-    projections, which would hide mistakes); fp16 variant files as the released checkpoints ship, or float32.
-    num_frames: the UNet config's default frame count (a run's own count is an argument of the call).
-    tests/test_pipeline_diffusers.py builds its tiny pipeline here too."""
-    from diffusers import (AutoencoderKLTemporalDecoder, EulerDiscreteScheduler, StableVideoDiffusionPipeline,
-                           UNetSpatioTemporalConditionModel)
-    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
-
-    if width == "full":
-        unet = UNetSpatioTemporalConditionModel(num_frames=num_frames)  # diffusers' defaults are SVD's network
-        # SVD's vae/config.json (diffusers' defaults are a one-level autoencoder)
-        vae = AutoencoderKLTemporalDecoder(down_block_types=("DownEncoderBlock2D",) * 4,
-                                           block_out_channels=(128, 256, 512, 512), layers_per_block=2,
-                                           latent_channels=4)
-        clip = CLIPVisionConfig(hidden_size=1280, intermediate_size=5120, projection_dim=1024, num_hidden_layers=32,
-                                num_attention_heads=16, image_size=224, patch_size=14, hidden_act="gelu",
-                                layer_norm_eps=1e-5)
-    else:
-        unet = UNetSpatioTemporalConditionModel(
-            sample_size=8, in_channels=8, out_channels=4, block_out_channels=(32, 32, 64, 64),
-            num_attention_heads=(2, 2, 4, 4), layers_per_block=1, transformer_layers_per_block=1,
-            cross_attention_dim=48, addition_time_embed_dim=256, projection_class_embeddings_input_dim=768,
-            num_frames=num_frames)
-        vae = AutoencoderKLTemporalDecoder(down_block_types=("DownEncoderBlock2D",) * 4,
-                                           block_out_channels=(32, 32, 64, 64), layers_per_block=2, latent_channels=4,
-                                           sample_size=64)
-        clip = CLIPVisionConfig(hidden_size=32, intermediate_size=128, projection_dim=48, num_hidden_layers=2,
-                                num_attention_heads=4, image_size=224, patch_size=14, hidden_act="gelu",
-                                layer_norm_eps=1e-5)
-    image_encoder = CLIPVisionModelWithProjection(clip)
-    for i, module in enumerate((unet, vae, image_encoder)):
-        _randomize(module, seed + 1000 + i)
-    pipe = StableVideoDiffusionPipeline(vae=vae, image_encoder=image_encoder, unet=unet,
-                                        scheduler=EulerDiscreteScheduler(**SCHEDULER),
-                                        feature_extractor=CLIPImageProcessor())
-    if fp16:
-        pipe.to(torch.float16).save_pretrained(folder, variant="fp16")
-    else:
-        pipe.save_pretrained(folder)
 
 
 def make_image(height: int, width: int):
@@ -137,19 +82,12 @@ def child(side: str, folder: str, out: str, threads: int, seed: int) -> dict:
         latents, uint8 = video.latents, video.frames.numpy()  # (T, H, W, 3)
     with atomic_file(out) as tmp, open(tmp, "wb") as fh:  # a file object: np.savez would append .npz to a name
         np.savez(fh, latents=latents.float().numpy(), frames=uint8)
-    from bench_loading import peak_rss  # this script's folder is on sys.path
-
-    return {"seconds": seconds, "peak_rss": peak_rss()}
-
-
-def _env() -> dict:
-    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]),
-                                                         os.environ.get("PYTHONPATH", "")])}
+    return {"seconds": seconds, "peak_rss": benchlib.peak_rss()}
 
 
 def _run(args: list[str]) -> dict:
     cmd = [sys.executable, __file__, *args]
-    out = subprocess.run(cmd, capture_output=True, text=True, env=_env())
+    out = subprocess.run(cmd, capture_output=True, text=True, env=benchlib.child_env())
     if out.returncode:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{out.stderr[-3000:]}")
     lines = out.stdout.strip().splitlines()
@@ -159,8 +97,6 @@ def _run(args: list[str]) -> dict:
 def measure_generate(folder: Path, width: str, rounds: int, threads: int, seed: int, log=print) -> dict:
     """Write the pipeline in `folder` (an existing, empty work folder), check both sides agree, time `rounds`
     alternating runs (each its own process)."""
-    import statistics
-
     pipeline = folder / "pipeline"
     _run(["--write", str(pipeline), "--width", width, "--seed", str(seed)])
     log(f"wrote a random {width}-width diffusers SVD pipeline to {pipeline}")
@@ -222,7 +158,7 @@ def main(argv=None) -> int:
     if args.write:
         check_outputs(parser, [args.write], args.force)
         with atomic_folder(args.write) as folder:
-            write_pipeline(folder, args.width, args.seed)
+            write_diffusers_pipeline(folder, args.width, args.seed)
         return 0
     side, folder, out = args.child
     if side not in ("diffusers", "svdlite"):

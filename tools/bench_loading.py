@@ -24,7 +24,6 @@ each is written under a temporary name beside it and renamed when complete. --ch
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -32,6 +31,8 @@ import time
 from pathlib import Path
 
 import torch
+
+import benchlib
 from svdlite.outputs import add_force, atomic_file, atomic_folder, check_outputs
 
 
@@ -41,16 +42,6 @@ CASES = (("diffusers", "diffusers"), ("svdlite", "diffusers"), ("svdlite", "orig
 PEAK_FACTOR = {"diffusers": 1.7, "svdlite": 1.15}  # measured peak / model size, to wait for enough free memory
 
 
-def peak_rss() -> int:
-    """This process's peak resident memory in bytes: VmHWM, which belongs to the process image (reset by exec).
-    (`getrusage().ru_maxrss` is not: Linux carries it over from the forking parent, so a child started by a big
-    benchmark process would report the parent's size.)"""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # no /proc: the best there is
-
-
 def child(side: str, path: str, dtype: str, threads: int) -> dict:
     """One load in this (fresh) process; returns the measurement."""
     torch.set_num_threads(threads)
@@ -58,7 +49,7 @@ def child(side: str, path: str, dtype: str, threads: int) -> dict:
         from diffusers import UNetSpatioTemporalConditionModel
     else:
         from svdlite.loading import load_unet
-    base = peak_rss()
+    base = benchlib.peak_rss()
     start = time.perf_counter()
     if side == "diffusers":
         model = UNetSpatioTemporalConditionModel.from_pretrained(path, subfolder="unet", variant="fp16",
@@ -66,7 +57,7 @@ def child(side: str, path: str, dtype: str, threads: int) -> dict:
     else:
         model = load_unet(path, dtype=DTYPES[dtype])
     seconds = time.perf_counter() - start
-    peak = peak_rss()
+    peak = benchlib.peak_rss()
     model_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     left = [n for n, t in model.state_dict().items() if t.is_meta or t.dtype != DTYPES[dtype]]
     if left:
@@ -78,7 +69,7 @@ def write_files(folder: Path, seed: int, log) -> dict[str, Path]:
     """The three files from one set of random weights, written by a child process (whose freed memory would
     otherwise stay with this one while the loads run)."""
     cmd = [sys.executable, __file__, "--write-files", str(folder), "--seed", str(seed)]
-    out = subprocess.run(cmd, capture_output=True, text=True, env=_child_env())
+    out = subprocess.run(cmd, capture_output=True, text=True, env=benchlib.child_env())
     if out.returncode:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{out.stderr[-2000:]}")
     log(f"wrote the loading benchmark's files to {folder}")
@@ -92,19 +83,15 @@ def file_paths(folder: Path) -> dict[str, Path]:
 
 def _write_files(folder: Path, seed: int, force: bool = False) -> None:
     """The files (see the module docstring), SVD's full-size UNet; each through a temporary name."""
-    sys.path.insert(0, str(Path(__file__).parent))
-    from benchmark import build_diffusers_unet
     from safetensors.torch import save_file
 
     from svdlite.components import open_model_source
     from svdlite.convert import convert
-    from svdlite.unet import VideoUNet
+    from svdlite.unet import UNetConfig, VideoUNet
     from svdlite.unet_keymap import ORIGINAL_PREFIX, diffusers_unet_names
 
-    from svdlite.unet import UNetConfig
-
     config, paths = UNetConfig(), file_paths(folder)
-    unet = build_diffusers_unet(config, 14, seed).half()
+    unet = benchlib.build_diffusers_unet(config, 14, seed).half()
     with atomic_folder(paths["diffusers"]) as tmp:
         unet.save_pretrained(tmp / "unet", safe_serialization=True, variant="fp16", max_shard_size="100GB")
     with torch.device("meta"):
@@ -117,11 +104,6 @@ def _write_files(folder: Path, seed: int, force: bool = False) -> None:
     for fmt, dtype in (("svdlite", torch.float16), ("svdlite32", torch.float32)):
         convert(open_model_source(paths["original"], "svd", require_all=False), paths[fmt], dtype=dtype,
                 force=force, log=lambda msg: None)  # convert writes through a temporary file itself
-
-
-def _child_env() -> dict:
-    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]),
-                                                         os.environ.get("PYTHONPATH", "")])}
 
 
 def _files(path: Path) -> list[Path]:
@@ -151,22 +133,15 @@ def _read_through(path: Path) -> None:
                 pass
 
 
-def _mem_available() -> int:
-    for line in Path("/proc/meminfo").read_text().splitlines():
-        if line.startswith("MemAvailable:"):
-            return int(line.split()[1]) * 1024
-    return 1 << 62
-
-
 def run_child(side: str, path: Path, dtype: str, threads: int, model_bytes: int, log, others=()) -> dict:
     need = PEAK_FACTOR[side] * model_bytes + (1 << 30)
-    while _mem_available() < need:  # other processes hold the memory: wait rather than risk the OOM killer
-        log(f"  waiting: {_mem_available() / 2**30:.1f} GiB free, {need / 2**30:.1f} GiB needed")
+    while benchlib.mem_available() < need:  # other processes hold the memory: wait rather than risk the OOM killer
+        log(f"  waiting: {benchlib.mem_available() / 2**30:.1f} GiB free, {need / 2**30:.1f} GiB needed")
         time.sleep(10)
     _evict(others)  # only this load's file stays cached: the same free memory for every load
     _read_through(path)  # the files together may not fit in the page cache: this one is in it for this load
     cmd = [sys.executable, __file__, "--child", side, str(path), dtype, "--threads", str(threads)]
-    out = subprocess.run(cmd, capture_output=True, text=True, env=_child_env())
+    out = subprocess.run(cmd, capture_output=True, text=True, env=benchlib.child_env())
     if out.returncode:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{out.stderr[-2000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
