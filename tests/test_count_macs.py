@@ -2,12 +2,14 @@
 import json
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
 
 from svdlite.attention import CrossAttention, SelfAttention
+from svdlite.run import RunSpec
 
 from helpers import TOOLS, load_tool
 
@@ -161,5 +163,8 @@ def test_committed_full_width_schedule_counts_at_full_size():
     schedule = F3Schedule.load(Path(__file__).parent / "data" / "f3_fullwidth_random_25steps.json")
     assert list(schedule.units) == cm.unet(True).temporal_units() and schedule.num_steps == 25
     assert schedule.settings["num_inference_steps"] == 25 and schedule.model["parameters"] == VCUT_PARAMS
-    plan = cm.make_plan(25, f3=(schedule, 0.3, "attention"))
+    spec = RunSpec(f3_schedule=cm.ranking_only(schedule), f3_ratio=0.3)  # calibrated at 8 frames: counts at 25
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nor does it warn about the other frame count, size or model
+        plan = cm.plan_of(spec, cm.meta_model("svd-xt", 25, 25, 576, 1024))
     assert sum(len(s.skip_temporal) for s in plan.steps) == 120  # round(0.3 * 16 * 25)

@@ -23,29 +23,35 @@ Modes (UNet):
   vcut+cache@N/D           step caching: every N-th step full, the others run input_blocks 0..D and the last D+1
                            output blocks on cached deep features
   speed LEVEL              the plan of `generate(speed=LEVEL)` (its own step count where the level sets one)
-Every approximate row is an svdlite.plan.Plan built as generate builds it; its work is counted step by step from
-the per-module MACs of one exact forward (what a step runs is a set of modules).
+Every approximate row's plan is generate's: the row's options as an `svdlite.run.RunSpec`, resolved against SVD's
+network on the meta device with the counted frames, steps and size as its defaults (`plan_of`); its work is
+counted step by step from the per-module MACs of one exact forward (what a step runs is a set of modules). An F3
+schedule counts by its ranking only, so one calibrated at any frame count, size or model counts here; its step
+count must be the counted one.
 Per video = the UNet evaluations only (steps with classifier-free guidance run one call on the doubled batch of
 2*frames; after a guidance cut, one call on `frames`), plus the folded context vectors computed once per video as
 `svdlite.denoiser.make_denoiser` does. The VAE encoder (+ quant_conv, one image), the temporal VAE decoder (all
 frames; decoding in chunks costs the same MACs) and the CLIP image encoder (one image at 224) are separate rows.
 """
 import argparse
+import dataclasses
 import functools
 import json
 import re
 import sys
 from collections import Counter
+from unittest import mock
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode, flop_registry
 
+import svdlite.run
 from svdlite.clip import CLIPVisionConfig, build_image_encoder
 from svdlite.f3 import F3Schedule
-from svdlite.run import noise_schedule
-from svdlite.plan import SPEED_LEVELS, build_plan
-from svdlite.presets import PRESETS
+from svdlite.plan import SPEED_LEVELS, Plan
+from svdlite.presets import PRESETS, SamplingConfig
+from svdlite.run import RunSpec, noise_schedule
 from svdlite.unet import UNetConfig, VideoUNet
 from svdlite.vae import ConditionEncoder, VAEConfig, VideoDecoder
 
@@ -193,10 +199,12 @@ def _check_size(frames: int, steps: int, height: int, width: int) -> None:
         raise ValueError(f"height and width must be positive multiples of {multiple}, got {height}x{width}")
 
 
-def unet_row(mode: str, frames: int, steps: int, height: int, width: int, cut: int | None = None) -> dict:
+def unet_row(mode: str, frames: int, steps: int, height: int, width: int, cut: int | None = None,
+             preset: str = "svd-xt") -> dict:
     """One UNet row. cut=K: steps 0..K-1 guided (2*frames), K..steps-1 conditional only (frames)."""
     if cut is not None:
-        return plan_row(f"{CUT_PREFIX}{cut}", make_plan(steps, cut=cut), frames, height, width)
+        plan = plan_of(RunSpec(guidance_cut_step=cut), meta_model(preset, frames, steps, height, width))
+        return plan_row(f"{CUT_PREFIX}{cut}", plan, frames, height, width)
     guided, setup = unet_eval_macs(mode, 2 * frames, frames, height, width)  # vectors: once, on the guided batch
     single, _ = unet_eval_macs(mode, frames, frames, height, width)
     return {"mode": mode, "component": "unet", "params": n_params(unet(UNET_MODES[mode])), "macs_per_eval": guided,
@@ -205,22 +213,46 @@ def unet_row(mode: str, frames: int, steps: int, height: int, width: int, cut: i
             "frames": frames, "steps": steps, "height": height, "width": width}
 
 
-def make_plan(steps: int, cut: int | None = None, f3: tuple | None = None, cache_interval: int = 1,
-              cache_depth: int | None = None, schedule: str = "edm"):
-    """The plan svdlite.generate builds for these options (guidance on, as in every preset but tiny).
-    f3: (F3Schedule, ratio, statistic); only its ranking is used, so it counts at any frame count and size."""
-    sigmas, _ = noise_schedule(steps, schedule)
-    skip = None
-    if f3 is not None:
-        schedule_f3, ratio, statistic = f3
-        if schedule_f3.num_steps != steps:
-            raise ValueError(f"the F3 schedule has {schedule_f3.num_steps} steps; counting {steps} steps needs one "
-                             "calibrated for that many (--steps)")
-        if list(schedule_f3.units) != unet(True).temporal_units():
-            raise ValueError("the F3 schedule's units are not SVD's 16 temporal blocks")
-        skip = schedule_f3.skip_sets(ratio, statistic)
-    return build_plan(sigmas, guidance=True, guidance_cut_step=cut, skip_temporal=skip,
-                      cache_interval=cache_interval, cache_depth=cache_depth)
+@dataclasses.dataclass(frozen=True)
+class MetaModel:
+    """What `RunSpec.resolve` reads of a loaded model (an `SVDModel`'s unet, sampling and vae_config): SVD's folded
+    UNet on the meta device, and the counted run's settings as the sampling defaults."""
+
+    unet: VideoUNet
+    sampling: SamplingConfig
+    vae_config: VAEConfig
+
+
+def meta_model(preset: str, frames: int, steps: int, height: int, width: int) -> MetaModel:
+    """SVD's network with `preset`'s sampling defaults (its guidance), frames, steps and size replaced by these."""
+    sampling = dataclasses.replace(PRESETS[preset].sampling, num_frames=frames, num_inference_steps=steps,
+                                   height=height, width=width)
+    return MetaModel(unet(True), sampling, VAEConfig())
+
+
+def ranking_only(schedule: F3Schedule) -> F3Schedule:
+    """The schedule without its recorded settings and model: what counting uses of it is its ranking, which says
+    which units a ratio skips at any frame count and size (`plan_of` checks its step count and units)."""
+    return dataclasses.replace(schedule, settings={}, model={})
+
+
+def plan_of(spec: RunSpec, model: MetaModel) -> Plan:
+    """The plan `generate` runs for `spec` on `model`: `spec.resolve(model).plan`. With an F3 schedule, its step
+    count and units are checked first, and the schedule's model identity is not computed (a meta network has no
+    weights to identify; pass it through `ranking_only`, which records none)."""
+    if spec.f3_schedule is None:
+        return spec.resolve(model).plan
+    o = spec.options()
+    sigmas, _ = noise_schedule(o.get("num_inference_steps"), o.get("schedule"), spec.sigmas,
+                               model.sampling.num_inference_steps)
+    steps, f3 = len(sigmas) - 1, spec.f3_schedule
+    if f3.num_steps != steps:
+        raise ValueError(f"the F3 schedule has {f3.num_steps} steps; counting {steps} steps needs one "
+                         "calibrated for that many (--steps)")
+    if list(f3.units) != model.unet.temporal_units():
+        raise ValueError("the F3 schedule's units are not SVD's 16 temporal blocks")
+    with mock.patch.object(svdlite.run, "unet_identity", lambda unet: None):
+        return spec.resolve(model).plan
 
 
 def other_rows(frames: int, height: int, width: int) -> list[dict]:
@@ -246,12 +278,13 @@ def default_cut_steps(steps: int) -> list[int]:
     return sorted({min(max(round(f * steps), 1), steps - 1) for f in (0.4, 0.6, 0.8)} - {0}) if steps > 1 else []
 
 
-def latest_cut_meeting(target: float, frames: int, steps: int, height: int, width: int) -> int | None:
+def latest_cut_meeting(target: float, frames: int, steps: int, height: int, width: int,
+                       preset: str = "svd-xt") -> int | None:
     """The LARGEST K (the latest cut, fewest conditional-only steps) whose vcut+guidance-cut@K row saves at least
     `target` MACs per video against `original`; None if even K=0 does not. The saving falls as K grows."""
     reference = unet_row("original", frames, steps, height, width)["macs_per_video"]
-    meeting = [k for k in range(steps + 1)
-               if reference - unet_row("vcut", frames, steps, height, width, cut=k)["macs_per_video"] >= target]
+    meeting = [k for k in range(steps + 1) if reference - unet_row(
+        "vcut", frames, steps, height, width, cut=k, preset=preset)["macs_per_video"] >= target]
     return max(meeting) if meeting else None
 
 
@@ -261,8 +294,9 @@ def count(preset: str = "svd-xt", frames: int | None = None, steps: int | None =
     """All rows (dicts with int `params`, `macs_per_eval`, `macs_per_video`; UNet rows also `macs_per_eval_frames`
     (one call on `frames`), `macs_setup_per_video`, `guided_evals`, `conditional_evals`, `saving_vs_original`).
     None means the preset's value. cut_steps default: `default_cut_steps(steps)` plus the latest K meeting the
-    paper's 322T (flagged `meets_322T_latest`). plans: (name, steps -> svdlite.plan.Plan) pairs, each counted as a
-    row of its own (F3, step caching, combinations; `make_plan` builds them as generate does)."""
+    paper's 322T (flagged `meets_322T_latest`). plans: (name, RunSpec) pairs, each counted as a row of its own (F3,
+    step caching, speed levels, combinations; `option_plans`), its plan resolved as generate resolves it, with these
+    frames, steps and size as the defaults (`plan_of`)."""
     sampling = PRESETS[preset].sampling
     frames = sampling.num_frames if frames is None else frames
     steps = sampling.num_inference_steps if steps is None else steps
@@ -270,15 +304,17 @@ def count(preset: str = "svd-xt", frames: int | None = None, steps: int | None =
     width = sampling.width if width is None else width
     _check_size(frames, steps, height, width)
     rows = [unet_row(mode, frames, steps, height, width) for mode in UNET_MODES]
-    k_claim = latest_cut_meeting(CLAIM_MACS, frames, steps, height, width)
+    k_claim = latest_cut_meeting(CLAIM_MACS, frames, steps, height, width, preset)
     if cut_steps is None:
         cut_steps = default_cut_steps(steps) + ([k_claim] if k_claim is not None else [])
     for k in sorted(set(cut_steps)):
         if not 0 <= k <= steps:
             raise ValueError(f"cut step {k} is outside [0, {steps}]")
-        rows.append(unet_row("vcut", frames, steps, height, width, cut=k) | {"meets_322T_latest": k == k_claim})
-    for name, plan_for in plans:
-        rows.append(plan_row(name, plan_for(steps), frames, height, width))
+        rows.append(unet_row("vcut", frames, steps, height, width, cut=k, preset=preset)
+                    | {"meets_322T_latest": k == k_claim})
+    model = meta_model(preset, frames, steps, height, width)
+    for name, spec in plans:
+        rows.append(plan_row(name, plan_of(spec, model), frames, height, width))
     reference = rows[0]
     for row in rows:
         row["saving_vs_original"] = reference["macs_per_video"] - row["macs_per_video"]
@@ -347,25 +383,21 @@ def print_table(rows: list[dict], preset: str, steps_source: str) -> None:
               f"(use --frames {CLAIM_FRAMES} --steps {CLAIM_STEPS} for the paper's setting).")
 
 
-def option_plans(args) -> list[tuple[str, object]]:
-    """(row name, steps -> Plan) for --cache rows, --speed levels (a level's own step count where it sets one),
-    the F3 ratios, and each F3 ratio with each explicit --cut-steps K."""
-    plans = [(f"vcut+cache@{n}/{d}", lambda steps, n=n, d=d: make_plan(steps, cache_interval=n, cache_depth=d))
-             for n, d in getattr(args, "cache", [])]
-    for level, options in SPEED_LEVELS.items() if getattr(args, "speed", False) else ():
-        plans.append((f"speed {level}", lambda steps, o=options: make_plan(
-            o.get("num_inference_steps", steps), cut=o.get("guidance_cut_step"), schedule=o.get("schedule", "edm"),
-            cache_interval=o.get("cache_interval", 1), cache_depth=o.get("cache_depth"))))
+def option_plans(args) -> list[tuple[str, RunSpec]]:
+    """(row name, RunSpec) for --cache rows, --speed levels (a level's own step count where it sets one, else the
+    counted one), the F3 ratios, and each F3 ratio with each explicit --cut-steps K."""
+    plans = [(f"vcut+cache@{n}/{d}", RunSpec(cache_interval=n, cache_depth=d)) for n, d in getattr(args, "cache", [])]
+    if getattr(args, "speed", False):
+        plans += [(f"speed {level}", RunSpec(speed=level)) for level in SPEED_LEVELS]
     if args.f3_ratio and not args.f3_schedule:
         raise ValueError("--f3-ratio needs --f3-schedule")
     if not args.f3_schedule:
         return plans
-    schedule = F3Schedule.load(args.f3_schedule)
+    schedule = ranking_only(F3Schedule.load(args.f3_schedule))
     for r in args.f3_ratio:
-        f3 = (schedule, r, args.f3_statistic)
-        plans.append((f"vcut+f3@{r:g}", lambda steps, f3=f3: make_plan(steps, f3=f3)))
-        for k in args.cut_steps or []:
-            plans.append((f"{CUT_PREFIX}{k}+f3@{r:g}", lambda steps, f3=f3, k=k: make_plan(steps, cut=k, f3=f3)))
+        f3 = dict(f3_schedule=schedule, f3_ratio=r, f3_statistic=args.f3_statistic)
+        plans.append((f"vcut+f3@{r:g}", RunSpec(**f3)))
+        plans += [(f"{CUT_PREFIX}{k}+f3@{r:g}", RunSpec(guidance_cut_step=k, **f3)) for k in args.cut_steps or []]
     return plans
 
 
