@@ -12,8 +12,9 @@ Memory (any device; decided from the bytes the unsliced call would hold at once,
                  FF_MEMORY_BYTES; rows are independent, so each output row is the same product.
   `norm_rows`    GroupNorm32 on half-precision input normalises its float32 copy in sample chunks once that copy
                  exceeds NORM_MEMORY_BYTES (every sample has its own statistics).
-  `decode_frames` the VAE decoder's per-frame work (spatial ResnetBlocks, attention, upsampling, the output conv)
-                 runs in frame sub-batches once a chunk's widest full-resolution tensor exceeds DECODE_MEMORY_BYTES.
+  `decode_frames` off the CPU, the VAE decoder's per-frame work (spatial ResnetBlocks, attention, upsampling, the
+                 output conv) runs in frame sub-batches once a chunk's widest full-resolution tensor exceeds
+                 DECODE_MEMORY_BYTES (exact to float32 rounding: convolution kernels are chosen per batch size).
 
 `FORCE_DEVICE` (or the `as_device` context manager) makes every choice as on that device type: the tests run the
 GPU's choices on CPU tensors. Meta tensors (tools/count_memory.py's `cuda` target) take the non-CPU choices.
@@ -91,10 +92,13 @@ def norm_rows(x: torch.Tensor) -> int | None:
     return chunk if x.shape[0] > chunk else None
 
 
-def decode_frames(frames: int, frame_bytes: int) -> int:
-    """Frames per sub-batch of the decoder's per-frame work, `frame_bytes` being one frame of its widest
-    full-resolution tensor: all `frames` while they fit in DECODE_MEMORY_BYTES, else as many as fit (at least 1).
-    The same on every device: the sub-batches give the same numbers (tests/test_memory_chunking.py)."""
-    if frames * frame_bytes <= DECODE_MEMORY_BYTES:
+def decode_frames(z: torch.Tensor, frame_bytes: int) -> int:
+    """Frames per sub-batch of the decoder's per-frame work on latents z ((b t), c, h, w), `frame_bytes` being one
+    frame of its widest full-resolution tensor: off the CPU all frames while they fit in DECODE_MEMORY_BYTES, else
+    as many as fit (at least 1). On the CPU always all frames: oneDNN picks its convolution kernel by batch size
+    (a 1-frame batch can sum in another order), so sub-batches agree with the whole batch only to float32 rounding,
+    and CPU outputs stay bit for bit those of one batch."""
+    frames = z.shape[0]
+    if device_type(z) == "cpu" or frames * frame_bytes <= DECODE_MEMORY_BYTES:
         return frames
     return max(1, DECODE_MEMORY_BYTES // frame_bytes)

@@ -8,6 +8,7 @@ names equal the original checkpoint keys without their file prefix (see vae_keym
 `quant_conv` and the decoder, and `encode_condition` / `decode_latents` are the two ways SVD uses them.
 """
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass
 
@@ -16,6 +17,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from . import kernels
 from .attention import attention
 from .layers import Conv2d, Conv3d, GroupNorm, ResBlock
 
@@ -92,9 +94,11 @@ class ResnetBlock(nn.Module):
             self.nin_shortcut = Conv2d(c_in, c_out, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # SiLU and the sum in place on fresh tensors (the norms' and conv2's outputs); x itself is never written
+        # SiLU and the sum in place on fresh tensors (the norms' and conv2's outputs); x itself is never written;
+        # h rebound after each norm, so conv1's output dies before conv2 runs
         h = self.conv1(F.silu(self.norm1(x), inplace=True))
-        h = self.conv2(F.silu(self.norm2(h), inplace=True))  # dropout (p=0) between norm2 and conv2 in the original
+        h = F.silu(self.norm2(h), inplace=True)
+        h = self.conv2(h)  # dropout (p=0) between norm2 and conv2 in the original
         return h.add_(self.nin_shortcut(x) if hasattr(self, "nin_shortcut") else x)
 
 
@@ -112,7 +116,14 @@ class VideoResBlock(ResnetBlock):
         self.mix_factor = nn.Parameter(torch.zeros(1))  # sgm's init (alpha 0.0); the checkpoint overwrites it
 
     def forward(self, x: torch.Tensor, num_frames: int) -> torch.Tensor:
-        x = super().forward(x)  # a fresh (b t) c h w tensor
+        return self.temporal(self.spatial(x), num_frames)
+
+    def spatial(self, x: torch.Tensor) -> torch.Tensor:
+        """The spatial ResnetBlock: each frame alone; a fresh (b t) c h w tensor."""
+        return super().forward(x)
+
+    def temporal(self, x: torch.Tensor, num_frames: int) -> torch.Tensor:
+        """The (3,1,1) ResBlock over frames and the blend, into x (the spatial block's output), which it returns."""
         x_spatial = rearrange(x, "(b t) c h w -> b c t h w", t=num_frames)  # a view of it
         # alpha (x + r) + (1 - alpha) x = x + alpha r, alpha one number per layer: one pass, into x's own memory,
         # so the result stays (b t) c h w contiguous (no copy back, plain layout for the next convs)
@@ -172,7 +183,15 @@ class AE3DConv(Conv2d):
         self.time_mix_conv = Conv3d(c_out, c_out, video_kernel_size, padding=padding)
 
     def forward(self, x: torch.Tensor, num_frames: int) -> torch.Tensor:
-        x = rearrange(super().forward(x), "(b t) c h w -> b c t h w", t=num_frames)
+        return self.temporal(self.spatial(x), num_frames)
+
+    def spatial(self, x: torch.Tensor) -> torch.Tensor:
+        """The 2-D convolution, each frame alone."""
+        return super().forward(x)
+
+    def temporal(self, x: torch.Tensor, num_frames: int) -> torch.Tensor:
+        """The Conv3d over frames, (b t) c h w in and out."""
+        x = rearrange(x, "(b t) c h w -> b c t h w", t=num_frames)
         return rearrange(self.time_mix_conv(x), "b c t h w -> (b t) c h w")
 
 
@@ -258,16 +277,58 @@ class VideoDecoder(nn.Module):
         if num_frames <= 0 or z.shape[0] % num_frames:
             raise ValueError(f"z has {z.shape[0]} rows, not a multiple of num_frames={num_frames} "
                              "(layout is (b t) c h w)")
-        h = self.conv_in(z)
-        h = self.mid.block_1(h, num_frames)
-        h = self.mid.attn_1(h)
-        h = self.mid.block_2(h, num_frames)
+        per_batch = kernels.decode_frames(z, self.frame_bytes(z))
+        h = z
+        for per_frame, video in self.stages():
+            held = [h]  # handed over (`run_frames` empties it): the stage's input dies once its first step ran
+            del h
+            h = video(self.run_frames(per_frame, held, per_batch), num_frames)
+        return h
+
+    def stages(self) -> list[tuple[list, object]]:
+        """The decoder in execution order as (per-frame steps, then one step over frames or None): the per-frame
+        steps (spatial ResnetBlocks, attention, upsampling, the output norm and 2-D conv) act on each frame alone;
+        the others (the (3,1,1) ResBlocks and blends, the output's Conv3d) take (b t) c h w and the frame count."""
+        blocks = [self.mid.block_1, self.mid.attn_1, self.mid.block_2]
         for level in reversed(self.up):
-            for block in level.block:
-                h = block(h, num_frames)
-            if hasattr(level, "upsample"):
-                h = level.upsample(h)
-        return self.conv_out(F.silu(self.norm_out(h), inplace=True), num_frames)
+            blocks += list(level.block) + ([level.upsample] if hasattr(level, "upsample") else [])
+        stages, per_frame = [], [self.conv_in]
+        for block in blocks:  # each VideoResBlock ends a stage: its spatial block, then its temporal one
+            if isinstance(block, VideoResBlock):
+                stages.append((per_frame + [block.spatial], block.temporal))
+                per_frame = []
+            else:
+                per_frame.append(block)
+        stages.append((per_frame + [self.norm_out, functools.partial(F.silu, inplace=True), self.conv_out.spatial],
+                       self.conv_out.temporal))
+        return stages
+
+    def frame_bytes(self, z: torch.Tensor) -> int:
+        """Bytes of one frame of the decoder's widest full-resolution activation (the input of `up.0.block.0`)."""
+        scale = 2 ** (len(self.up) - 1)
+        channels = self.up[0].block[0].norm1.num_channels
+        return channels * z.shape[-2] * scale * z.shape[-1] * scale * self.conv_in.weight.element_size()
+
+    @staticmethod
+    def run_frames(steps: list, held: list, per_batch: int) -> torch.Tensor:
+        """The per-frame steps on x ((b t) c h w; `held` = [x], emptied), `per_batch` frames at a time, each
+        sub-batch's result written into one output: only one sub-batch's intermediates exist at once (the
+        full-resolution 256-channel tensors of a whole chunk, 8 GiB at 1024x576 x 14 frames, never do). All frames
+        at once: the steps one after the other, the input of each dying as the next runs."""
+        x = held.pop()
+        if per_batch >= x.shape[0]:
+            for step in steps:
+                x = step(x)
+            return x
+        out = None
+        for start in range(0, x.shape[0], per_batch):
+            part = x[start:start + per_batch]
+            for step in steps:
+                part = step(part)
+            if out is None:
+                out = part.new_empty((x.shape[0], *part.shape[1:]))
+            out[start:start + per_batch] = part
+        return out
 
 
 class Decoder(nn.Module):
