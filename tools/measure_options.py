@@ -43,6 +43,7 @@ import svdlite
 from svdlite.clip import CLIPVisionConfig, build_image_encoder
 from svdlite.components import SVDModel
 from svdlite.plan import SPEED_LEVELS, speed_options
+from svdlite.run import RunSpec
 from svdlite.testing import random_tensors
 from svdlite.unet import UNetConfig, VideoUNet
 from svdlite.vae import ConditionEncoder, VAEConfig, VideoDecoder
@@ -110,27 +111,25 @@ def frame_metrics(frames: torch.Tensor, exact: torch.Tensor) -> dict:
             "psnr_db": psnr(mse), "psnr_worst_frame_db": psnr(mse_frames.max().item())}
 
 
-def plan_summary(model: SVDModel, options: dict, settings: dict) -> dict:
+def plan_summary(model: SVDModel, spec: RunSpec) -> dict:
     """The variant's plan, as generate builds it (its `RunSpec`, resolved): guided / conditional calls, skipped
     units, reusing steps."""
-    from svdlite.run import RunSpec
-
-    plan = RunSpec.from_options(**run_kwargs(settings, options)).resolve(model).plan
+    plan = spec.resolve(model).plan
     guided = sum(st.guided for st in plan.steps)
     return {"steps": plan.num_steps, "guided_evals": guided, "conditional_evals": plan.num_steps - guided,
             "skipped_temporal_units": sum(len(st.skip_temporal) for st in plan.steps),
             "reuse_steps": sum(st.cache == "reuse" for st in plan.steps)}
 
 
-def run_kwargs(kwargs: dict, options: dict) -> dict:
-    """generate()'s arguments for one variant: the run's settings and the variant's options, except that a speed
-    level's own step count (`fast`: 10) replaces the run's, as it does for a user who names only the level (the
-    run's count is an explicit argument and would otherwise win, measuring e.g. AYS at 25 steps as `fast`). The
-    step count is resolved by `speed_options`, as the variant's `RunSpec` resolves it."""
+def variant_spec(settings: dict, options: dict) -> RunSpec:
+    """One variant's `RunSpec` (what generate runs): the run's settings and the variant's options, except that a
+    speed level's own step count (`fast`: 10) replaces the run's, as it does for a user who names only the level
+    (the run's count is an explicit setting and would otherwise win, measuring e.g. AYS at 25 steps as `fast`).
+    The step count is resolved by `speed_options`, as the spec resolves it. Bad options are refused here."""
     resolved = speed_options(options.get("speed", "exact"), {k: v for k, v in options.items() if k != "speed"})
     if "num_inference_steps" in resolved:
-        kwargs = {k: v for k, v in kwargs.items() if k != "num_inference_steps"}
-    return kwargs | options
+        settings = {k: v for k, v in settings.items() if k != "num_inference_steps"}
+    return RunSpec.from_options(**settings | options)
 
 
 def measure(model: SVDModel, image=EXAMPLE, *, variants: list[tuple[str, dict]], steps: int | None = None,
@@ -144,18 +143,20 @@ def measure(model: SVDModel, image=EXAMPLE, *, variants: list[tuple[str, dict]],
     if any("f3_ratio" in o for _, o in variants) and f3_schedule is None:
         log("calibrating an F3 schedule (seed + 1) ...")
         f3_schedule = svdlite.calibrate_f3([image], model=model, seed=seed + 1, device=device, dtype=dtype,
-                                           progress=False, **settings)
+                                           progress=False, spec=RunSpec.from_options(**settings))
     variants = [(name, dict(o, f3_schedule=f3_schedule) if "f3_ratio" in o else o) for name, o in variants]
-    summaries = {name: plan_summary(model, o, settings) for name, o in variants}  # refuses bad options up front
-    kwargs = dict(model=model, seed=seed, device=device, dtype=dtype, progress=False) | settings
+    specs = {name: variant_spec(settings, o) for name, o in variants}  # refuses bad options up front
+    summaries = {name: plan_summary(model, spec) for name, spec in specs.items()}
+    specs["exact"] = RunSpec.from_options(**settings)
+    kwargs = dict(model=model, seed=seed, device=device, dtype=dtype, progress=False)
     runs = [("exact", {})] + variants
     seconds = {name: [] for name, _ in runs}
     cpu = {name: [] for name, _ in runs}
     outputs = {}
     for r in range(rounds):
-        for name, options in runs[r % len(runs):] + runs[:r % len(runs)]:  # rotate who runs first
+        for name, _ in runs[r % len(runs):] + runs[:r % len(runs)]:  # rotate who runs first
             start, start_cpu = time.perf_counter(), time.process_time()
-            outputs[name] = svdlite.generate(image, **run_kwargs(kwargs, options))
+            outputs[name] = svdlite.generate(image, spec=specs[name], **kwargs)
             seconds[name].append(time.perf_counter() - start)
             cpu[name].append(time.process_time() - start_cpu)
             log(f"round {r + 1}/{rounds} {name}: {seconds[name][-1]:.1f}s wall, {cpu[name][-1]:.1f}s CPU")
@@ -302,8 +303,9 @@ def main(argv=None) -> int:
         if schedule is None:
             settings = {"num_inference_steps": size["steps"], "num_frames": size["frames"], "height": size["height"],
                         "width": size["width"]}
+            spec = RunSpec.from_options(**{k: v for k, v in settings.items() if v})
             schedule = svdlite.calibrate_f3([args.image], model=model, seed=args.seed + 1, device=args.device,
-                                            dtype=dtype, progress=False, **{k: v for k, v in settings.items() if v})
+                                            dtype=dtype, progress=False, spec=spec)
         schedule.save(args.f3_save, overwrite=args.force)  # a temporary file renamed into place
         print(f"wrote {args.f3_save}", file=sys.stderr)
         if args.calibrate_only:
