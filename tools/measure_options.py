@@ -260,6 +260,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def load(parser: argparse.ArgumentParser, args, dtype: torch.dtype) -> tuple[SVDModel, str]:
+    """The model `--model` names, and what the caveat says of its weights."""
+    start = time.perf_counter()
+    if args.model == "fullwidth":
+        if args.device != "cpu" or dtype != torch.float32:
+            parser.error("--model fullwidth builds fp32 CPU weights; use --device cpu --dtype fp32")
+        model = fullwidth_model(args.seed)
+        what = ("this run used RANDOM weights at SVD's full width (UNet, VAE and CLIP of the real sizes, at a small "
+                "resolution and few frames and steps so it finishes on a CPU).")
+    else:
+        model = svdlite.load_model(args.model, device=args.device, dtype=dtype)
+        what = ("this run used the bundled tiny model: RANDOM weights at tiny width." if args.model == "tiny" else
+                f"this run used the weights in {args.model}; the metrics are still distances to the exact output, "
+                "not quality scores.")
+    print(f"model ready in {time.perf_counter() - start:.1f}s", file=sys.stderr)
+    return model, what
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -286,19 +304,7 @@ def main(argv=None) -> int:
         schedule = svdlite.F3Schedule.load(args.f3_schedule) if args.f3_schedule else None
     except (ValueError, FileNotFoundError) as e:
         parser.error(str(e))
-    start = time.perf_counter()
-    if args.model == "fullwidth":
-        if args.device != "cpu" or dtype != torch.float32:
-            parser.error("--model fullwidth builds fp32 CPU weights; use --device cpu --dtype fp32")
-        model = fullwidth_model(args.seed)
-        what = ("this run used RANDOM weights at SVD's full width (UNet, VAE and CLIP of the real sizes, at a small "
-                "resolution and few frames and steps so it finishes on a CPU).")
-    else:
-        model = svdlite.load_model(args.model, device=args.device, dtype=dtype)
-        what = ("this run used the bundled tiny model: RANDOM weights at tiny width." if args.model == "tiny" else
-                f"this run used the weights in {args.model}; the metrics are still distances to the exact output, "
-                "not quality scores.")
-    print(f"model ready in {time.perf_counter() - start:.1f}s", file=sys.stderr)
+    model, what = load(parser, args, dtype)
     if args.f3_save:
         if schedule is None:
             settings = {"num_inference_steps": size["steps"], "num_frames": size["frames"], "height": size["height"],
