@@ -94,11 +94,14 @@ def norm_rows(x: torch.Tensor) -> int | None:
 
 def decode_frames(z: torch.Tensor, frame_bytes: int) -> int:
     """Frames per sub-batch of the decoder's per-frame work on latents z ((b t), c, h, w), `frame_bytes` being one
-    frame of its widest full-resolution tensor: off the CPU all frames while they fit in DECODE_MEMORY_BYTES, else
-    as many as fit (at least 1). On the CPU always all frames: oneDNN picks its convolution kernel by batch size
-    (a 1-frame batch can sum in another order), so sub-batches agree with the whole batch only to float32 rounding,
-    and CPU outputs stay bit for bit those of one batch."""
-    frames = z.shape[0]
-    if device_type(z) == "cpu" or frames * frame_bytes <= DECODE_MEMORY_BYTES:
+    frame of its widest full-resolution tensor: on the CPU always all frames (oneDNN picks its convolution kernel
+    by batch size, and a 1-frame batch can sum in another order, so sub-batches agree with the whole batch only to
+    float32 rounding: CPU outputs stay bit for bit those of one batch); elsewhere `frames_per_batch`."""
+    return z.shape[0] if device_type(z) == "cpu" else frames_per_batch(z.shape[0], frame_bytes)
+
+
+def frames_per_batch(frames: int, frame_bytes: int) -> int:
+    """All `frames` while they fit in DECODE_MEMORY_BYTES, else as many as fit (at least 1)."""
+    if frames * frame_bytes <= DECODE_MEMORY_BYTES:
         return frames
     return max(1, DECODE_MEMORY_BYTES // frame_bytes)

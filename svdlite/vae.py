@@ -115,8 +115,10 @@ class VideoResBlock(ResnetBlock):
         self.time_stack = ResBlock(c_out, 0, dims=3, kernel_size=video_kernel_size, skip_t_emb=True)
         self.mix_factor = nn.Parameter(torch.zeros(1))  # sgm's init (alpha 0.0); the checkpoint overwrites it
 
-    def forward(self, x: torch.Tensor, num_frames: int) -> torch.Tensor:
-        return self.temporal(self.spatial(x), num_frames)
+    def forward(self, x, num_frames: int) -> torch.Tensor:
+        """x: (b t) c h w, or a list holding only it, which the block empties (x then dies after the spatial
+        block, before the temporal one)."""
+        return self.temporal(self.spatial(x.pop() if isinstance(x, list) else x), num_frames)
 
     def spatial(self, x: torch.Tensor) -> torch.Tensor:
         """The spatial ResnetBlock: each frame alone; a fresh (b t) c h w tensor."""
@@ -182,8 +184,9 @@ class AE3DConv(Conv2d):
         padding = tuple(k // 2 for k in video_kernel_size)
         self.time_mix_conv = Conv3d(c_out, c_out, video_kernel_size, padding=padding)
 
-    def forward(self, x: torch.Tensor, num_frames: int) -> torch.Tensor:
-        return self.temporal(self.spatial(x), num_frames)
+    def forward(self, x, num_frames: int) -> torch.Tensor:
+        """x: (b t) c h w, or a list holding only it, which the layer empties."""
+        return self.temporal(self.spatial(x.pop() if isinstance(x, list) else x), num_frames)
 
     def spatial(self, x: torch.Tensor) -> torch.Tensor:
         """The 2-D convolution, each frame alone."""
@@ -278,30 +281,42 @@ class VideoDecoder(nn.Module):
             raise ValueError(f"z has {z.shape[0]} rows, not a multiple of num_frames={num_frames} "
                              "(layout is (b t) c h w)")
         per_batch = kernels.decode_frames(z, self.frame_bytes(z))
+        if per_batch < z.shape[0]:
+            return self.forward_in_sub_batches(z, num_frames, per_batch)
         h = z
-        for per_frame, video in self.stages():
-            held = [h]  # handed over (`run_frames` empties it): the stage's input dies once its first step ran
-            del h
-            h = video(self.run_frames(per_frame, held, per_batch), num_frames)
+        for layer in self.layers():
+            if isinstance(layer, (VideoResBlock, AE3DConv)):
+                held = [h]  # handed over (the layer empties it): its input dies after the layer's spatial part
+                del h
+                h = layer(held, num_frames)
+            else:
+                h = layer(h)
         return h
 
-    def stages(self) -> list[tuple[list, object]]:
-        """The decoder in execution order as (per-frame steps, then one step over frames or None): the per-frame
-        steps (spatial ResnetBlocks, attention, upsampling, the output norm and 2-D conv) act on each frame alone;
-        the others (the (3,1,1) ResBlocks and blends, the output's Conv3d) take (b t) c h w and the frame count."""
-        blocks = [self.mid.block_1, self.mid.attn_1, self.mid.block_2]
+    def layers(self) -> list:
+        """Every layer in execution order (sgm's forward): the blocks, upsamplings, output norm, SiLU and conv."""
+        layers = [self.conv_in, self.mid.block_1, self.mid.attn_1, self.mid.block_2]
         for level in reversed(self.up):
-            blocks += list(level.block) + ([level.upsample] if hasattr(level, "upsample") else [])
-        stages, per_frame = [], [self.conv_in]
-        for block in blocks:  # each VideoResBlock ends a stage: its spatial block, then its temporal one
-            if isinstance(block, VideoResBlock):
-                stages.append((per_frame + [block.spatial], block.temporal))
+            layers += list(level.block) + ([level.upsample] if hasattr(level, "upsample") else [])
+        return layers + [self.norm_out, functools.partial(F.silu, inplace=True), self.conv_out]
+
+    def forward_in_sub_batches(self, z: torch.Tensor, num_frames: int, per_batch: int) -> torch.Tensor:
+        """`forward` with its per-frame work `per_batch` frames at a time. The layers fall into stages: per-frame
+        steps (convolutions, norms, attention, upsampling: each frame alone), then one step over frames (the
+        (3,1,1) ResBlock and blend of a VideoResBlock, the output's Conv3d), which runs on the whole chunk."""
+        stages, per_frame = [], []
+        for layer in self.layers():
+            if isinstance(layer, (VideoResBlock, AE3DConv)):
+                stages.append((per_frame + [layer.spatial], layer.temporal))
                 per_frame = []
             else:
-                per_frame.append(block)
-        stages.append((per_frame + [self.norm_out, functools.partial(F.silu, inplace=True), self.conv_out.spatial],
-                       self.conv_out.temporal))
-        return stages
+                per_frame.append(layer)
+        h = z
+        for steps, over_frames in stages:
+            held = [h]  # handed over (`run_frames` empties it): the stage's input dies with its last sub-batch
+            del h
+            h = over_frames(self.run_frames(steps, held, per_batch), num_frames)
+        return h
 
     def frame_bytes(self, z: torch.Tensor) -> int:
         """Bytes of one frame of the decoder's widest full-resolution activation (the input of `up.0.block.0`)."""
@@ -313,13 +328,8 @@ class VideoDecoder(nn.Module):
     def run_frames(steps: list, held: list, per_batch: int) -> torch.Tensor:
         """The per-frame steps on x ((b t) c h w; `held` = [x], emptied), `per_batch` frames at a time, each
         sub-batch's result written into one output: only one sub-batch's intermediates exist at once (the
-        full-resolution 256-channel tensors of a whole chunk, 8 GiB at 1024x576 x 14 frames, never do). All frames
-        at once: the steps one after the other, the input of each dying as the next runs."""
+        full-resolution 256-channel tensors of a whole chunk, 8 GiB at 1024x576 x 14 frames, never do)."""
         x = held.pop()
-        if per_batch >= x.shape[0]:
-            for step in steps:
-                x = step(x)
-            return x
         out = None
         for start in range(0, x.shape[0], per_batch):
             part = x[start:start + per_batch]

@@ -101,9 +101,9 @@ def _decode_module_by_module(decoder, z, frames):
     return decoder.conv_out(torch.nn.functional.silu(decoder.norm_out(h)), frames)
 
 
-def test_decoder_stages_are_the_module_composition(budgets):
-    """VideoDecoder.forward runs its stages (per-frame steps, then the temporal step); on the CPU never in frame
-    sub-batches, whatever the budget: the same ops on the same tensors as the blocks called whole."""
+def test_decoder_on_the_cpu_is_the_module_composition(budgets):
+    """On the CPU the decoder never runs in frame sub-batches, whatever the budget: its forward is the blocks
+    called whole, in order (inputs handed over), the same ops on the same tensors."""
     decoder, z = _decoder_and_latents()
     budgets(DECODE_MEMORY_BYTES=1)
     assert kernels.decode_frames(z, decoder.frame_bytes(z)) == z.shape[0]
