@@ -153,3 +153,20 @@ def test_cli(tmp_path, capsys, monkeypatch, tiny):
     assert set(row["weights"]) == {"unet", "clip", "vae_encoder", "vae_decoder"}
     with pytest.raises(SystemExit):
         cm.main(["--size", "100x64", "--network", "tiny"])
+
+
+def test_cuda_target_counts_the_memory_choices(tiny, monkeypatch):
+    """The `cuda` target runs svdlite's GPU choices (`svdlite.kernels`): with the budgets shrunk to the tiny sizes,
+    the feed-forward and norm chunks lower the UNet's counted peak, and the decoder runs in frame sub-batches (more
+    allocations; the tiny decoder's peak is in its temporal layers, which hold the whole chunk either way)."""
+    from svdlite import kernels
+
+    f, h, w = tiny["frames"], tiny["height"], tiny["width"]
+    plain = {"unet": cm.count_unet("svdlite", f, h, w, torch.float16, "tiny"),
+             "decode": cm.count_decode("svdlite", f, h, w, f, torch.float16, "tiny")}
+    monkeypatch.setattr(kernels, "FF_MEMORY_BYTES", 64 * 1024)
+    monkeypatch.setattr(kernels, "NORM_MEMORY_BYTES", 16 * 1024)
+    monkeypatch.setattr(kernels, "DECODE_MEMORY_BYTES", 1)
+    assert cm.count_unet("svdlite", f, h, w, torch.float16, "tiny")["peak"] < plain["unet"]["peak"]
+    sliced = cm.count_decode("svdlite", f, h, w, f, torch.float16, "tiny")
+    assert sliced["peak"] <= plain["decode"]["peak"] and sliced["allocations"] > plain["decode"]["allocations"]

@@ -35,12 +35,15 @@ needs the peak of one call, the op and module that made each tensor live at it, 
 mode of its own gives directly.
 
 Targets:
-  cuda (default)  meta tensors: the code path a CUDA device takes (svdlite's `linear` and unchunked feed-forward;
-                  the device type is not "cpu"), each storage rounded up to 512 bytes as the CUDA caching allocator
-                  rounds, and `F.scaled_dot_product_attention` as the fused kernel a CUDA GPU runs (meta tensors
-                  would take the math path and materialise every attention map): `FusedAttention`
-  cpu             fake CPU tensors (FakeTensorMode): the CPU code path (svdlite's 1x1-convolution `linear`, chunked
-                  feed-forward, the CPU flash attention), exact bytes; what `--measure` checks against peak RSS
+  cuda (default)  meta tensors: the code path a CUDA device takes (the device type is not "cpu": svdlite's
+                  F.linear, and the memory choices of `svdlite.kernels`: the feed-forward and half-precision group
+                  norms in chunks above their byte budgets, the VAE decoder's per-frame work in frame
+                  sub-batches), each storage rounded up to 512 bytes as the CUDA caching allocator rounds, and
+                  `F.scaled_dot_product_attention` as the fused kernel a CUDA GPU runs (meta tensors would take the
+                  math path and materialise every attention map): `FusedAttention`
+  cpu             fake CPU tensors (FakeTensorMode): the CPU code path (svdlite's 1x1-convolution `linear`, the
+                  feed-forward in cache-sized chunks, the decoder without frame sub-batches, the CPU flash
+                  attention), exact bytes; what `--measure` checks against peak RSS
 --measure runs the same calls for real with random weights on this machine's device (cuda: in process, against
 torch.cuda.max_memory_allocated; cpu: each case in a fresh process, against the rise of VmHWM, the peak resident
 set, over the resident set before the call) and prints them beside the count. On the GPU, --scratch lists the ops
