@@ -41,9 +41,11 @@ FF_MEMORY_BYTES = 256 * MIB
 # 1,688 MiB at 1024x576 x 25 frames, guided)
 NORM_MEMORY_BYTES = 256 * MIB
 
-# the VAE decoder's per-frame work runs on at most this many bytes of its widest full-resolution tensor at once
-# (1024x576: one 256-channel float32 frame is 576 MiB, so one frame at a time; 512x320: 160 MiB, 6 frames)
-DECODE_MEMORY_BYTES = 1024 * MIB
+# the VAE decoder's per-frame work runs on at most this many bytes of its widest full-resolution tensor at once:
+# one frame at a time from 512x256 up (a 256-channel float32 frame of 512x320 is 160 MiB, of 1024x576 576 MiB); a
+# frame's convolutions are still large GEMM-like products there. At 1 GiB, 768x448 ran 3 frames at once and its
+# decode at chunk 4 counted 2.82 GiB, above diffusers' float16 decoder (2.64)
+DECODE_MEMORY_BYTES = 128 * MIB
 
 FORCE_DEVICE: str | None = None
 

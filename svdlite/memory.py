@@ -2,7 +2,7 @@
 `tools/count_memory.py`). At its peak the float32 temporal decoder holds, per output pixel, about 1,540 bytes for
 every frame of a chunk (its (3,1,1) ResBlocks at full resolution: three 128-channel float32 tensors of the whole
 chunk) and about 1,330 bytes for every frame of one sub-batch of its per-frame work (`kernels.decode_frames`: one
-frame at a time at 1024x576, six at 512x320); 11.8 GiB for 14 frames at 1024x576, 1.6 GiB for one (the UNet step's
+frame at a time from 512x256 up); counted: 11.8 GiB for 14 frames at 1024x576, 1.6 GiB for one (the UNet step's
 activations are gone by then). When the user gives no `decode_chunk_size`, a GPU with less free memory than the
 preset's chunk needs decodes fewer frames at a time, and says so: the chunking changes the frames slightly (the
 temporal layers see the frames of one chunk), so a run that must be reproduced on another GPU passes the chunk size
@@ -29,7 +29,7 @@ def gpu_free_bytes(device: torch.device) -> int | None:
 
 def decode_bytes(chunk: int, height: int, width: int) -> int:
     """The decoder's peak for `chunk` frames of height x width on a GPU, by the accounting (an upper bound within
-    ~15% of the count: tests/test_memory.py)."""
+    20% of the count, 1-6% at chunks 1 and 14: tests/test_memory.py)."""
     pixels = height * width
     sub_batch = kernels.frames_per_batch(chunk, WIDEST_FRAME_BYTES_PER_PIXEL * pixels)
     return pixels * (DECODE_BYTES_PER_PIXEL_FRAME * chunk + SUB_BATCH_BYTES_PER_PIXEL_FRAME * sub_batch)

@@ -26,9 +26,9 @@ def test_chunk_arithmetic():
 
 @pytest.mark.parametrize("chunk", [1, 4, 14])
 def test_decode_bytes_bound_the_count(chunk):
-    """The figure is an upper bound within 17% of tools/count_memory.py's count of the decoder on the GPU's path."""
+    """The figure is an upper bound within 20% of tools/count_memory.py's count of the decoder on the GPU's path."""
     counted = load_tool("count_memory").count_decode("svdlite", 14, 320, 512, chunk, torch.float16)["peak"]
-    assert counted <= decode_bytes(chunk, 320, 512) <= 1.17 * counted
+    assert counted <= decode_bytes(chunk, 320, 512) <= 1.2 * counted
 
 
 @pytest.fixture(scope="module")

@@ -919,7 +919,9 @@ def part_memory(ctx: Context) -> dict:
         unet_rows[name] = {"memory": mem, "weights_bytes": param_bytes(svd if name == "svdlite" else diff)}
     out["unet_eval"] = {"frames": s["unet_frames"], "pixels": list(s["unet_px"]), "dtype": ctx.speed_dtype,
                         **unet_rows}
-    del calls, svd, diff
+    del calls, diff
+    out["memory_choices"] = memory_choices(ctx, svd, inputs)
+    del svd
     # a whole run at SVD-XT's default settings, each side alone on the device
     gen_rows = {}
     settings = run_settings(s["default"])
@@ -943,6 +945,66 @@ def part_memory(ctx: Context) -> dict:
     out["generate_default"] = {"settings": settings, "dtype": ctx.speed_dtype, **gen_rows,
                                "note": "one run each, the other side's weights off the device; seconds include the "
                                        "first run of these settings in this process"}
+    return out
+
+
+@contextlib.contextmanager
+def kernel_budgets(device: torch.device, **budgets):
+    """svdlite.kernels' byte budgets set for the block; on a CPU device its GPU choices are forced (the CPU's own
+    never slice the decoder), so a --device cpu run checks the same code paths."""
+    from svdlite import kernels
+
+    saved = {name: getattr(kernels, name) for name in budgets}
+    try:
+        for name, value in budgets.items():
+            setattr(kernels, name, value)
+        with kernels.as_device("cuda" if device.type == "cpu" else None):
+            yield
+    finally:
+        for name, value in saved.items():
+            setattr(kernels, name, value)
+
+
+def memory_choices(ctx: Context, unet, inputs: dict) -> dict:
+    """svdlite's memory choices (svdlite.kernels) on the device against one pass: the UNet evaluation with its
+    feed-forward and group norms in chunks (the default budgets, and 16 MiB ones so a small size is chunked too)
+    against budgets too large to chunk; the float32 VAE decoder on the default run's frames and size (one chunk)
+    in 1-frame sub-batches against one batch. Bit for bit where the kernels do not depend on the row or frame count;
+    else the difference is summation order: bounded by the float32 comparison limit (CPU_DEVICE_REL) for the
+    decoder and the float32 UNet, by the half-precision gross-error bound for a fp16/bf16 UNet."""
+    dev, dtype, never = ctx.device, ctx.speed_dtype, 2**62
+    out = {}
+    call = svdlite_call(unet, inputs, dev, dtype)
+    with torch.no_grad():
+        runs = {}
+        for name, budget in (("one_pass", never), ("default", None), ("chunks_16mib", 16 * 2**20)):
+            budgets = {} if budget is None else {"FF_MEMORY_BYTES": budget, "NORM_MEMORY_BYTES": budget}
+            with kernel_budgets(dev, **budgets):
+                mem, runs[name] = peak_memory(dev, call)
+            out[f"unet_{name}_memory"] = mem
+    limit = HALF_LIMITS.get(str(dtype).replace("torch.", ""), {}).get("eval_rel_l2", CPU_DEVICE_REL)
+    for name in ("default", "chunks_16mib"):
+        out[f"unet_{name}_bitwise"] = bool(torch.equal(runs[name], runs["one_pass"]))
+        out[f"unet_{name}_rel_l2"] = rel_l2(runs[name].float(), runs["one_pass"].float())
+        ctx.check("memory", f"UNet {name} chunks vs one pass rel L2", out[f"unet_{name}_rel_l2"], limit)
+    del runs, call
+    decoder = ctx.svd_model(dtype, keep=True).vae_decoder
+    d = ctx.sizes["default"]
+    frames = d["decode_chunk_size"]
+    z = torch.randn(frames, 4, d["height"] // 8, d["width"] // 8,
+                    generator=torch.Generator().manual_seed(ctx.seed)).to(dev)
+    with torch.no_grad():
+        with kernel_budgets(dev, DECODE_MEMORY_BYTES=never):
+            mem_whole, whole = peak_memory(dev, lambda: decoder(z, frames))
+        with kernel_budgets(dev, DECODE_MEMORY_BYTES=1):
+            mem_sliced, sliced = peak_memory(dev, lambda: decoder(z, frames))
+    out["decode"] = {"frames": frames, "pixels": [d["height"], d["width"]], "one_batch_memory": mem_whole,
+                     "sub_batches_memory": mem_sliced, "bitwise": bool(torch.equal(sliced, whole)),
+                     "max_rel": rel_err(sliced, whole)}
+    ctx.check("memory", "decoder 1-frame sub-batches vs one batch max rel", out["decode"]["max_rel"], CPU_DEVICE_REL)
+    ctx.log(f"    memory choices: UNet default chunks bitwise {out['unet_default_bitwise']}, rel L2 "
+            f"{out['unet_default_rel_l2']:.2e}; decoder sub-batches bitwise {out['decode']['bitwise']}, max rel "
+            f"{out['decode']['max_rel']:.2e}")
     return out
 
 
