@@ -181,7 +181,8 @@ def make_plan(model, s: SamplingConfig, sigmas: torch.Tensor, *, schedule_name: 
         f3_schedule = as_schedule(f3_schedule)
         settings = ({k: getattr(s, k) for k in F3_SETTING_KEYS}
                     | {"num_inference_steps": len(sigmas) - 1, "schedule": schedule_name})
-        for message in f3_schedule.check(model.unet.temporal_units(), unet_identity(model.unet), settings):
+        identity = unet_identity(model.unet) if f3_schedule.model else None  # read from the weights: only when
+        for message in f3_schedule.check(model.unet.temporal_units(), identity, settings):  # there is one to match
             warnings.warn(message, stacklevel=4)
         skip = f3_schedule.skip_sets(f3_ratio, f3_statistic)
     if cache_depth is not None and cache_depth >= len(model.unet.output_blocks):

@@ -40,13 +40,11 @@ import json
 import re
 import sys
 from collections import Counter
-from unittest import mock
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode, flop_registry
 
-import svdlite.run
 from svdlite.clip import CLIPVisionConfig, build_image_encoder
 from svdlite.f3 import F3Schedule
 from svdlite.plan import SPEED_LEVELS, Plan
@@ -239,7 +237,7 @@ def ranking_only(schedule: F3Schedule) -> F3Schedule:
 def plan_of(spec: RunSpec, model: MetaModel) -> Plan:
     """The plan `generate` runs for `spec` on `model`: `spec.resolve(model).plan`. With an F3 schedule, its step
     count and units are checked first, and the schedule's model identity is not computed (a meta network has no
-    weights to identify; pass it through `ranking_only`, which records none)."""
+    weights to identify: pass it through `ranking_only`, which records none, and resolve checks no identity)."""
     if spec.f3_schedule is None:
         return spec.resolve(model).plan
     o = spec.options()
@@ -251,8 +249,7 @@ def plan_of(spec: RunSpec, model: MetaModel) -> Plan:
                          "calibrated for that many (--steps)")
     if list(f3.units) != model.unet.temporal_units():
         raise ValueError("the F3 schedule's units are not SVD's 16 temporal blocks")
-    with mock.patch.object(svdlite.run, "unet_identity", lambda unet: None):
-        return spec.resolve(model).plan
+    return spec.resolve(model).plan
 
 
 def other_rows(frames: int, height: int, width: int) -> list[dict]:
