@@ -5,9 +5,9 @@
     python tools/gpu_check.py --device cpu --quick [--json PATH]          # tiny width, every part but compile
 
 Random weights, no Hub: one diffusers SVD pipeline (UNetSpatioTemporalConditionModel, AutoencoderKLTemporalDecoder,
-CLIPVisionModelWithProjection) is built on the meta device and given svdlite.testing.random_tensors weights (seeded;
-diffusers' own init zeroes mix factors and projections, which would hide mistakes), stored as fp16 files in a
-temporary diffusers folder as the released checkpoints ship, and kept in memory in float16. svdlite loads that
+CLIPVisionModelWithProjection) is written to a temporary folder by svdlite.testing.write_diffusers_pipeline (every
+parameter from svdlite.testing.random_tensors, seeded; diffusers' own init zeroes mix factors and projections, which
+would hide mistakes), as fp16 files as the released checkpoints ship, and read back in float16. svdlite loads that
 folder through its own loader, so both sides run the very same weights. Full width is SVD's network (1.5B UNet
 parameters, ViT-H/14, the 4-level VAE); `--quick` uses a tiny network of the same structure.
 
@@ -43,16 +43,10 @@ arguments, --json PATH exists without --force).
 """
 import argparse
 import contextlib
-import gc
-import hashlib
 import json
 import math
-import os
-import platform
 import shlex
 import shutil
-import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -62,20 +56,21 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bench_generate import make_image
+from benchlib import REPO, log, stats
+from gpu_measure import (Clock, alternate, exact_fp32, finite, free, matmul_peak, param_bytes, peak_memory, psnr,
+                         rel_err, rel_l2)
+from gpu_reference import REF_REL, default_tf32_unet, reference_checks  # noqa: F401 - REF_REL: the tests' limit
+from gpu_report import jsonable, machine, print_report
 from svdlite.outputs import add_force, check_outputs, write_text
-from svdlite.testing import block_outputs, unet_call_inputs
+from svdlite.testing import unet_call_inputs, write_diffusers_pipeline
 
-ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_REFERENCE = ROOT / "tests" / "reference"
+DEFAULT_REFERENCE = REPO / "tests" / "reference"
 PARTS = ("fidelity", "half", "speed_unet", "speed_generate", "memory", "levels", "compile")
 # seconds each part took, measured at full width on one H100/H200-class GPU or estimated from its work where not yet
 # measured: a part starts only if the elapsed time plus this fits in --budget-s
 ESTIMATE_S = {"fidelity": 40, "half": 60, "speed_unet": 30, "speed_generate": 50, "memory": 45, "levels": 45,
               "compile": 240}
-# The tests' tolerances (tests/test_unet_reference.py, test_vae.py: atol = rtol = 1e-4; test_pipeline_reference.py:
-# max |a - b| / max |ref| < 1e-4), applied here on the device in float32 with TF32 off.
-REF_ATOL = REF_RTOL = 1e-4
-REF_REL = 1e-4
 # full-width UNet, device float32 against CPU float32: max |a - b| / max |cpu|. tools/benchmark.py measured the float32
 # noise floor of these random networks at ~5e-5 and bounds reordered-but-equal computations at 5e-4.
 CPU_DEVICE_REL = 5e-4
@@ -106,239 +101,9 @@ SIZES = {
                                              decode_chunk_size=6),
                   levels_size=dict(num_frames=6, height=64, width=128, decode_chunk_size=6), matmul_n=512),
 }
-# SVD's scheduler/scheduler_config.json (as tools/bench_generate.py); DDPM-only keys left out
-SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                 prediction_type="v_prediction", interpolation_type="linear", use_karras_sigmas=True, sigma_min=0.002,
-                 sigma_max=700.0, timestep_spacing="leading", timestep_type="continuous", steps_offset=1)
-GIB = 2 ** 30
 
 
-# ------------------------------------------------------------------------------------------------ helpers
-
-
-def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
-    """max |a - ref| / max |ref| (the tests' rel_err)."""
-    a, ref = a.detach().double().cpu(), ref.detach().double().cpu()
-    return ((a - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
-
-
-def rel_l2(a: torch.Tensor, ref: torch.Tensor) -> float:
-    a, ref = a.detach().double().cpu(), ref.detach().double().cpu()
-    return (torch.linalg.vector_norm(a - ref) / torch.linalg.vector_norm(ref).clamp_min(1e-30)).item()
-
-
-def close_ratio(a: torch.Tensor, ref: torch.Tensor, atol: float = REF_ATOL, rtol: float = REF_RTOL) -> float:
-    """max |a - ref| / (atol + rtol |ref|): torch.testing.assert_close passes exactly when this is <= 1."""
-    a, ref = a.detach().double().cpu(), ref.detach().double().cpu()
-    if a.shape != ref.shape:
-        raise ValueError(f"shape {tuple(a.shape)} against the reference's {tuple(ref.shape)}")
-    return ((a - ref).abs() / (atol + rtol * ref.abs())).max().item()
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return math.inf if mse == 0 else 10 * math.log10(255.0 ** 2 / mse)
-
-
-def finite(t: torch.Tensor) -> bool:
-    return bool(torch.isfinite(t).all().item())
-
-
-def stats(values: list[float]) -> dict:
-    return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values),
-            "all": values}
-
-
-def jsonable(x):
-    """The result with non-finite floats as strings ("inf", "nan"): JSON has no such numbers."""
-    if isinstance(x, dict):
-        return {str(k): jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [jsonable(v) for v in x]
-    if isinstance(x, float) and not math.isfinite(x):
-        return str(x)
-    if isinstance(x, (np.floating, np.integer)):
-        return jsonable(x.item())
-    if isinstance(x, torch.dtype):
-        return str(x).removeprefix("torch.")
-    if isinstance(x, (torch.device, Path)):
-        return str(x)
-    return x
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def free(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-
-
-@contextlib.contextmanager
-def exact_fp32():
-    """float32 as float32: TF32 off for matmuls and cuDNN convolutions (torch's default lets cuDNN convolutions use
-    TF32, ~1e-3 relative), restored afterwards."""
-    new_api = hasattr(torch.backends.cuda.matmul, "fp32_precision") and hasattr(torch.backends.cudnn, "conv")
-    if new_api:
-        old = (torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision)
-        torch.backends.cuda.matmul.fp32_precision = "ieee"
-        torch.backends.cudnn.conv.fp32_precision = "ieee"
-    else:
-        old = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    try:
-        yield
-    finally:
-        if new_api:
-            torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision = old
-        else:
-            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
-
-
-class Clock:
-    """Seconds of one call: CUDA events on a GPU (`whole=False`), else (or for a whole run with host work)
-    synchronize + wall clock."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-
-    def __call__(self, fn, whole: bool = False):
-        if self.device.type == "cuda" and not whole:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            out = fn()
-            end.record()
-            end.synchronize()
-            return start.elapsed_time(end) / 1000.0, out
-        sync(self.device)
-        t0 = time.perf_counter()
-        out = fn()
-        sync(self.device)
-        return time.perf_counter() - t0, out
-
-
-def alternate(calls: dict, clock: Clock, warmup: int, rounds: int, log, whole: bool = False) -> dict:
-    """{name: [seconds per round]}: `warmup` calls of each, then `rounds` rounds calling each once, the order
-    rotating from round to round."""
-    names = list(calls)
-    with torch.no_grad():
-        for _ in range(warmup):
-            for name in names:
-                clock(calls[name], whole)
-        times = {n: [] for n in names}
-        for r in range(rounds):
-            for name in names[r % len(names):] + names[:r % len(names)]:
-                times[name].append(clock(calls[name], whole)[0])
-            log(f"    round {r + 1}/{rounds}: " + ", ".join(f"{n} {times[n][-1]:.4f}s" for n in names))
-    return times
-
-
-def peak_memory(device: torch.device, fn) -> tuple[dict | None, object]:
-    """({"resident": bytes allocated before, "peak": max_memory_allocated, "above_resident"}, fn()) on a GPU;
-    (None, fn()) elsewhere."""
-    if device.type != "cuda":
-        return None, fn()
-    sync(device)
-    free(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    resident = torch.cuda.memory_allocated(device)
-    out = fn()
-    sync(device)
-    peak = torch.cuda.max_memory_allocated(device)
-    return {"resident": resident, "peak": peak, "above_resident": peak - resident}, out
-
-
-def param_bytes(module: torch.nn.Module) -> int:
-    return sum(p.numel() * p.element_size() for p in module.parameters())
-
-
-def matmul_peak(device: torch.device, n: int, dtypes, warmup: int = 3, reps: int = 10) -> dict:
-    """TFLOP/s of one n x n x n product per dtype, measured here: random operands, `warmup` products, then the mean
-    of `reps` timed ones (CUDA events around all of them, or the wall clock on the CPU)."""
-    out = {}
-    clock = Clock(device)
-    g = torch.Generator(device=device).manual_seed(0)
-    for dtype in dtypes:
-        a = torch.randn(n, n, device=device, dtype=dtype, generator=g)
-        b = torch.randn(n, n, device=device, dtype=dtype, generator=g)
-        for _ in range(warmup):
-            a @ b
-        seconds, _ = clock(lambda: [a @ b for _ in range(reps)])
-        out[str(dtype).removeprefix("torch.")] = {"n": n, "seconds_per_product": seconds / reps,
-                                                  "tflops": 2 * n ** 3 / (seconds / reps) / 1e12}
-    free(device)
-    return out
-
-
-# ------------------------------------------------------------------------------------------------ the weights
-
-
-def _random_module(cls, kwargs: dict, seed: int, dtype: torch.dtype) -> torch.nn.Module:
-    """`cls(**kwargs)` built on the meta device, every state-dict tensor from random_tensors(seed) in `dtype`."""
-    from svdlite.testing import random_tensors
-
-    with torch.device("meta"):
-        module = cls(**kwargs) if not isinstance(kwargs, tuple) else cls(*kwargs)
-    shapes = {k: tuple(v.shape) for k, v in module.state_dict().items()}
-    module.load_state_dict(random_tensors(shapes, seed, dtype), strict=True, assign=True)
-    for name, buf in list(module.named_buffers()):
-        if buf.is_meta and name.endswith("position_ids"):  # transformers' CLIP: arange, not in the state dict
-            owner = module.get_submodule(name.rpartition(".")[0])
-            owner.register_buffer("position_ids", torch.arange(buf.shape[-1]).expand(tuple(buf.shape)),
-                                  persistent=False)
-    left = [n for n, t in list(module.named_parameters()) + list(module.named_buffers()) if t.is_meta]
-    if left:
-        raise RuntimeError(f"{cls.__name__}: tensors left on the meta device: {left[:5]}")
-    return module.eval().requires_grad_(False)
-
-
-def build_pipeline(width: str, seed: int, num_frames: int = 25):
-    """A diffusers StableVideoDiffusionPipeline at SVD's width ("full") or tiny width, every tensor random (float16,
-    as the released checkpoints ship), on the CPU. num_frames: the UNet config's default (25: SVD-XT's)."""
-    from diffusers import (AutoencoderKLTemporalDecoder, EulerDiscreteScheduler, StableVideoDiffusionPipeline,
-                           UNetSpatioTemporalConditionModel)
-    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
-    from diffusers.utils import logging as diffusers_logging
-
-    diffusers_logging.set_verbosity_error()  # not the info lines of every CPU-generator draw
-
-    if width == "full":
-        unet_kwargs = dict(num_frames=num_frames)  # diffusers' defaults are SVD's network
-        vae_kwargs = dict(down_block_types=("DownEncoderBlock2D",) * 4, block_out_channels=(128, 256, 512, 512),
-                          layers_per_block=2, latent_channels=4)  # SVD's vae/config.json
-        clip = CLIPVisionConfig(hidden_size=1280, intermediate_size=5120, projection_dim=1024, num_hidden_layers=32,
-                                num_attention_heads=16, image_size=224, patch_size=14, hidden_act="gelu",
-                                layer_norm_eps=1e-5)
-    else:  # tools/bench_generate.py's tiny pipeline: SVD's structure at width 32
-        unet_kwargs = dict(sample_size=8, in_channels=8, out_channels=4, block_out_channels=(32, 32, 64, 64),
-                           num_attention_heads=(2, 2, 4, 4), layers_per_block=1, transformer_layers_per_block=1,
-                           cross_attention_dim=48, addition_time_embed_dim=256,
-                           projection_class_embeddings_input_dim=768, num_frames=num_frames)
-        vae_kwargs = dict(down_block_types=("DownEncoderBlock2D",) * 4, block_out_channels=(32, 32, 64, 64),
-                          layers_per_block=2, latent_channels=4, sample_size=64)
-        clip = CLIPVisionConfig(hidden_size=32, intermediate_size=128, projection_dim=48, num_hidden_layers=2,
-                                num_attention_heads=4, image_size=224, patch_size=14, hidden_act="gelu",
-                                layer_norm_eps=1e-5)
-    f16 = torch.float16
-    unet = _random_module(UNetSpatioTemporalConditionModel, unet_kwargs, seed + 1000, f16)
-    vae = _random_module(AutoencoderKLTemporalDecoder, vae_kwargs, seed + 1001, f16)
-    image_encoder = _random_module(CLIPVisionModelWithProjection, (clip,), seed + 1002, f16)
-    return StableVideoDiffusionPipeline(vae=vae, image_encoder=image_encoder, unet=unet,
-                                        scheduler=EulerDiscreteScheduler(**SCHEDULER),
-                                        feature_extractor=CLIPImageProcessor())
-
-
-def make_image(height: int, width: int):
-    """A smooth colour gradient with noise (tools/bench_generate.py's test image)."""
-    from PIL import Image
-
-    y, x = np.mgrid[0:height, 0:width].astype(np.float64)
-    rgb = np.stack([255 * x / (width - 1), 255 * y / (height - 1), 128 + 80 * np.sin(x / 9 + y / 5)], axis=-1)
-    rgb += np.random.default_rng(0).normal(0.0, 20.0, rgb.shape)
-    return Image.fromarray(np.clip(rgb, 0, 255).round().astype(np.uint8))
+# ------------------------------------------------------------------------------------------------ the calls
 
 
 def svdlite_call(unet, inputs: dict, device, dtype):
@@ -416,19 +181,26 @@ class Context:
         return self._workdir
 
     def pipeline(self):
-        """(folder, diffusers pipeline in float16 on the CPU or wherever a part moved it), built once."""
+        """(folder, diffusers pipeline in float16 on the CPU or wherever a part moved it), made once: the folder
+        written by write_diffusers_pipeline (built and written in one call: `build_seconds`), then read back
+        (`write_seconds`: the folder's reading, the step that made it to memory)."""
         if "pipeline" not in self.cache:
-            t0 = time.perf_counter()
-            pipe = build_pipeline(self.width, self.seed)
-            t1 = time.perf_counter()
+            from diffusers import StableVideoDiffusionPipeline
+            from diffusers.utils import logging as diffusers_logging
+
+            diffusers_logging.set_verbosity_error()  # not the info lines of every CPU-generator draw
             folder = self.workdir / "pipeline"
-            pipe.save_pretrained(folder, variant="fp16")
+            t0 = time.perf_counter()
+            write_diffusers_pipeline(folder, self.width, self.seed, num_frames=25)  # SVD-XT's default frame count
+            t1 = time.perf_counter()
+            pipe = StableVideoDiffusionPipeline.from_pretrained(folder, variant="fp16", torch_dtype=torch.float16)
             t2 = time.perf_counter()
             self.setup.update(width=self.width, build_seconds=t1 - t0, write_seconds=t2 - t1, folder_bytes=sum(
                 f.stat().st_size for f in folder.rglob("*") if f.is_file()),
                 params={k: sum(p.numel() for p in getattr(pipe, k).parameters())
                         for k in ("unet", "vae", "image_encoder")})
-            self.log(f"setup: random {self.width}-width pipeline built in {t1 - t0:.1f}s, written in {t2 - t1:.1f}s")
+            self.log(f"setup: random {self.width}-width pipeline built and written in {t1 - t0:.1f}s, read back in "
+                     f"{t2 - t1:.1f}s")
             self.cache["pipeline"] = (folder, pipe)
             self.cache["pipe_at"] = (torch.device("cpu"), torch.float16)
         return self.cache["pipeline"]
@@ -499,169 +271,6 @@ class Context:
 
 # ------------------------------------------------------------------------------------------------ fidelity
 
-
-def materialize_reference(folder: Path) -> Path:
-    """The reference weights, written by the folder's materialize.py into the tests' cache (tests/conftest.py:
-    SVDLITE_TEST_CACHE or ~/.cache/svdlite-tests, keyed by the manifests' and materialize.py's content)."""
-    manifests = sorted(folder.glob("*.weights.json"))
-    if not manifests or not (folder / "materialize.py").is_file():
-        raise FileNotFoundError(f"{folder} is not a reference folder (no materialize.py or *.weights.json)")
-    digest = hashlib.sha256()
-    for m in manifests + [folder / "materialize.py"]:
-        digest.update(m.name.encode() + m.read_bytes())
-    root = Path(os.environ.get("SVDLITE_TEST_CACHE", Path.home() / ".cache" / "svdlite-tests"))
-    out = root / f"reference-{digest.hexdigest()[:16]}"
-    if not (out / ".complete").exists():
-        out.mkdir(parents=True, exist_ok=True)
-        subprocess.run([sys.executable, str(folder / "materialize.py"), str(out)], check=True, capture_output=True)
-        (out / ".complete").write_text("ok")
-    return out
-
-
-def reference_checks(ctx: Context) -> list[dict]:
-    """The tests' reference comparisons, run on ctx.device in float32. One row per comparison (per-block ones
-    summarised by their worst block)."""
-    from safetensors.torch import load_file
-
-    from svdlite.loading import load_unet
-    from svdlite.sampling import (edm_sigmas, frame_guidance_scales, initial_latents, make_cfg_denoiser,
-                                  sample_euler_edm)
-    from svdlite.unet import UNetConfig
-    from svdlite.vae import Encoder, VAEConfig, VideoDecoder, decode_latents, encode_condition, make_quant_conv
-    from svdlite.vae_keymap import DECODER_PREFIX, FIRST_STAGE_ENCODER_PREFIX, QUANT_CONV_PREFIX
-
-    folder = Path(ctx.args.reference).resolve()
-    weights = materialize_reference(folder)
-    dev = ctx.device
-    rows = []
-
-    def tensors(name):
-        return load_file(str(folder / name))
-
-    def cfg_json(name):
-        return json.loads((folder / name).read_text())
-
-    def on(t):
-        return t.to(dev) if isinstance(t, torch.Tensor) else t
-
-    def row(name, got, ref, kind="close"):
-        if kind == "close":
-            value, limit = close_ratio(got, ref), 1.0
-        else:
-            value, limit = rel_err(got, ref), REF_REL
-        r = {"name": name, "kind": kind, "value": value, "limit": limit, "rel_err": rel_err(got, ref),
-             "finite": finite(got)}
-        r["passed"] = (value <= limit if kind == "close" else value < limit) and r["finite"]
-        rows.append(r)
-        return r
-
-    def worst(name, got: dict, refs: dict):
-        if set(got) != set(refs):
-            raise AssertionError(f"{name}: hooked {len(got)} modules, the reference has {len(refs)}")
-        per = {k: close_ratio(got[k], refs[k]) for k in refs}
-        key = max(per, key=per.get)
-        rows.append({"name": f"{name} ({len(per)}, worst {key})", "kind": "close", "value": per[key], "limit": 1.0,
-                     "rel_err": max(rel_err(got[k], refs[k]) for k in refs),
-                     "finite": all(finite(v) for v in got.values()), "passed": per[key] <= 1.0})
-
-    # UNet (tests/test_unet_reference.py)
-    config = UNetConfig.from_dict(cfg_json("unet_tiny_config.json")["params"])
-    unet = load_unet(weights / "unet_tiny_sgm.safetensors", config, device=dev)
-    io = {k: on(v) for k, v in tensors("unet_tiny_io.safetensors").items()}
-    t = int(io["num_video_frames"])
-    with torch.no_grad():
-        for case in ("main", "varctx", "ioi"):
-            pre = "" if case == "main" else case + "."
-            inp = {n: io.get(pre + n, io[n]) for n in ("context", "y", "image_only_indicator")}
-            out = unet(io["x"], io["timesteps"], inp["context"], inp["y"], t, inp["image_only_indicator"])
-            row(f"unet {case} out", out, io[pre + "out"])
-        vectors = unet.context_vectors(io["context"], t)
-        out = unet(io["x"], io["timesteps"], None, io["y"], t, io["image_only_indicator"], context_vectors=vectors)
-        row("unet main out, context vectors precomputed", out, io["out"])
-    blocks = {k: v for k, v in tensors("unet_tiny_blocks.safetensors").items()}
-    got = block_outputs(unet, blocks, lambda: unet(io["x"], io["timesteps"], io["context"], io["y"], t,
-                                                    io["image_only_indicator"]))
-    worst("unet blocks", got, blocks)
-    del unet
-
-    # VAE decoder and encoder (tests/test_vae.py)
-    vae_cfg = cfg_json("vae_tiny_config.json")
-
-    def vae_config(section):
-        return VAEConfig.from_dict({**section.get("implicit_defaults", {}), **section["params"]})
-
-    dec_cfg = vae_config(vae_cfg["decoder"])
-    decoder = VideoDecoder(dec_cfg)
-    sd = load_file(str(weights / "vae_decoder_tiny_sgm.safetensors"))
-    decoder.load_state_dict({k[len(DECODER_PREFIX):]: v for k, v in sd.items()}, strict=True)
-    decoder = decoder.eval().to(dev)
-    dio = {k: on(v) for k, v in tensors("vae_decoder_tiny_io.safetensors").items()}
-    td = int(dio["timesteps"])
-    with torch.no_grad():
-        for case in ("", "b2."):
-            row(f"vae decoder {case or '1 video '}out".replace("b2.", "2 videos "), decoder(dio[case + "z"], td),
-                dio[case + "out"])
-    blocks = tensors("vae_decoder_tiny_blocks.safetensors")
-    got = block_outputs(decoder, blocks, lambda: decoder(dio["z"], td))
-    worst("vae decoder blocks", got, blocks)
-    sio = {k: on(v) for k, v in tensors("sample_tiny_io.safetensors").items()}
-    run_cfg = cfg_json("sample_tiny_config.json")
-    tn = run_cfg["guider"]["num_frames"]
-    with torch.no_grad():
-        row("vae decode_latents (sampling run's decoded)",
-            decode_latents(decoder, sio["samples"], tn, tn, vae_cfg["scale_factor"]), sio["decoded"])
-
-    enc_cfg = vae_config(vae_cfg["encoder"])
-    sd = load_file(str(weights / "vae_encoder_tiny_sgm.safetensors"))
-    encoder, quant_conv = Encoder(enc_cfg), make_quant_conv(enc_cfg)
-    encoder.load_state_dict({k[len(FIRST_STAGE_ENCODER_PREFIX):]: v for k, v in sd.items()
-                             if k.startswith(FIRST_STAGE_ENCODER_PREFIX)}, strict=True)
-    quant_conv.load_state_dict({k[len(QUANT_CONV_PREFIX):]: v for k, v in sd.items()
-                                if k.startswith(QUANT_CONV_PREFIX)}, strict=True)
-    encoder, quant_conv = encoder.eval().to(dev), quant_conv.eval().to(dev)
-    eio = {k: on(v) for k, v in tensors("vae_encoder_tiny_io.safetensors").items()}
-    with torch.no_grad():
-        moments = encoder(eio["x"])
-        got = {"moments": moments, "mode": moments[:, :enc_cfg.z_channels], "moments_quant_conv": quant_conv(moments),
-               "mode_quant_conv": encode_condition(encoder, quant_conv, eio["x"])}
-    for key, value in got.items():
-        row(f"vae encoder {key}", value, eio[key])
-
-    # the whole 5-step sampling run (tests/test_pipeline_reference.py)
-    unet = load_unet(weights / "unet_tiny_sgm.safetensors", config, device=dev)
-    context = torch.cat([sio["uc.crossattn"], sio["cond.crossattn"]])
-    vector = torch.cat([sio["uc.vector"], sio["cond.vector"]])
-    net_out, steps = [], []
-    with torch.no_grad():
-        vectors = unet.context_vectors(context, tn)
-
-        def network(net_in, c_noise):
-            out = unet(net_in, c_noise, None, vector, tn, sio["image_only_indicator"], context_vectors=vectors)
-            net_out.append(out)
-            return out
-
-        d = run_cfg["discretization"]
-        sigmas = edm_sigmas(run_cfg["sampler"]["num_steps"], d["sigma_min"], d["sigma_max"], d["rho"]).to(dev)
-        scales = frame_guidance_scales(tn, run_cfg["guider"]["min_scale"], run_cfg["guider"]["max_scale"]).to(dev)
-        denoise = make_cfg_denoiser(network, torch.cat([sio["uc.concat"], sio["cond.concat"]]), scales)
-        samples = sample_euler_edm(denoise, initial_latents(sio["randn"], sigmas), sigmas,
-                                   callback=lambda info: steps.append(info))
-        decoded = decode_latents(decoder, samples, tn, tn, vae_cfg["scale_factor"])
-    if len(steps) != run_cfg["sampler"]["num_steps"]:
-        raise AssertionError(f"the sampling run took {len(steps)} steps, the reference "
-                             f"{run_cfg['sampler']['num_steps']}")
-    traces = (("x", [s["x"] for s in steps]), ("net_out", net_out), ("denoised", [s["denoised"] for s in steps]))
-    for what, got in traces:
-        per = [rel_err(g, sio[f"step{k}.{what}"]) for k, g in enumerate(got)]
-        k = max(range(len(per)), key=per.__getitem__)
-        rows.append({"name": f"sampling every step's {what} (worst step {k})", "kind": "rel", "value": per[k],
-                     "limit": REF_REL, "rel_err": per[k], "finite": all(finite(g) for g in got),
-                     "passed": per[k] < REF_REL and all(finite(g) for g in got)})
-    row("sampling final latent", samples, sio["samples"], "rel")
-    row("sampling decoded video", decoded, sio["decoded"], "rel")
-    return rows
-
-
 def eval_fp32(ctx: Context) -> torch.Tensor:
     """The full-width guided evaluation on the device in float32 (TF32 off), computed once."""
     if "eval_fp32" not in ctx.cache:
@@ -675,38 +284,14 @@ def eval_fp32(ctx: Context) -> torch.Tensor:
     return ctx.cache["eval_fp32"]
 
 
-def default_tf32_unet(ctx: Context) -> dict:
-    """The reference UNet's main case with torch's default float32 settings (on a GPU: cuDNN convolutions in TF32),
-    to show what they cost against the reference; on the CPU the same as with TF32 off."""
-    from safetensors.torch import load_file
-
-    from svdlite.loading import load_unet
-    from svdlite.unet import UNetConfig
-
-    folder = Path(ctx.args.reference).resolve()
-    config = UNetConfig.from_dict(json.loads((folder / "unet_tiny_config.json").read_text())["params"])
-    unet = load_unet(materialize_reference(folder) / "unet_tiny_sgm.safetensors", config, device=ctx.device)
-    io = {k: v.to(ctx.device) for k, v in load_file(str(folder / "unet_tiny_io.safetensors")).items()}
-    with torch.no_grad():
-        o = unet(io["x"], io["timesteps"], io["context"], io["y"], int(io["num_video_frames"]),
-                 io["image_only_indicator"])
-    try:
-        legacy = torch.backends.cudnn.allow_tf32
-    except RuntimeError as err:  # torch may refuse the legacy flag once the new API was used
-        legacy = f"unreadable: {err}"
-    return {"close_ratio": close_ratio(o, io["out"]), "rel_err": rel_err(o, io["out"]),
-            "cudnn_conv_fp32_precision": getattr(getattr(torch.backends.cudnn, "conv", None), "fp32_precision", None),
-            "cudnn_allow_tf32": legacy}
-
-
 def part_fidelity(ctx: Context) -> dict:
     out = {"tf32": "off (matmul and cuDNN convolutions in IEEE float32)"}
     with exact_fp32():
-        rows = reference_checks(ctx)
+        rows = reference_checks(ctx.args.reference, ctx.device)
     out["reference"] = rows
     for r in rows:
         ctx.check("fidelity", f"reference: {r['name']}", r["value"], r["limit"])
-    out["reference_unet_main_with_torch_default_tf32"] = default_tf32_unet(ctx)
+    out["reference_unet_main_with_torch_default_tf32"] = default_tf32_unet(ctx.args.reference, ctx.device)
     # the full-width evaluation: device float32 against CPU float32
     s = ctx.sizes
     t0 = time.perf_counter()
@@ -1073,176 +658,6 @@ def part_compile(ctx: Context, budget_left) -> dict:
     return out
 
 
-# ------------------------------------------------------------------------------------------------ report
-
-
-def machine(device: torch.device) -> dict:
-    from importlib.metadata import PackageNotFoundError, version
-
-    import svdlite
-
-    info = {"svdlite": svdlite.__version__, "svdlite_path": str(Path(svdlite.__file__).parent),
-            "python": platform.python_version(), "torch": torch.__version__, "torch_cuda": torch.version.cuda,
-            "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
-            "threads": torch.get_num_threads()}
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                info["cpu"] = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    for package in ("diffusers", "transformers", "open_clip_torch", "numpy"):
-        try:
-            info[package] = version(package)
-        except PackageNotFoundError:
-            info[package] = None
-    if device.type == "cuda":
-        p = torch.cuda.get_device_properties(device)
-        info.update(gpu=p.name, gpu_memory_bytes=p.total_memory, capability=f"{p.major}.{p.minor}",
-                    multiprocessors=p.multi_processor_count)
-        try:
-            q = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"],
-                               capture_output=True, text=True, timeout=30)
-            info["nvidia_smi"] = q.stdout.strip() or q.stderr.strip()
-        except (OSError, subprocess.SubprocessError) as err:
-            info["nvidia_smi"] = f"unavailable: {err}"
-    return info
-
-
-def _f(x, spec=".3g"):
-    if x is None:
-        return "-"
-    if isinstance(x, str):
-        return x
-    if isinstance(x, float) and not math.isfinite(x):
-        return str(x)
-    return format(x, spec)
-
-
-def _gib(x):
-    return "-" if x is None else f"{x / GIB:.2f}"
-
-
-def print_report(r: dict) -> None:
-    m = r["machine"]
-    p = r["parts"]
-    where = (f"{m.get('gpu')} ({_gib(m.get('gpu_memory_bytes'))} GiB, sm {m.get('capability')}), "
-             f"nvidia-smi: {m.get('nvidia_smi')}" if "gpu" in m else m["cpu"])
-    print(f"\ncommand: {r['command']}")
-    print(f"svdlite {m['svdlite']} from {m['svdlite_path']}")
-    print(f"device: {r['device']}: {where}; torch {m['torch']} (CUDA {m['torch_cuda']}), diffusers {m['diffusers']}, "
-          f"transformers {m['transformers']}, open_clip {m['open_clip_torch']}; {m['cpu']}, {m['threads']} threads")
-    su = r.get("setup", {})
-    if "params" in su:
-        print(f"weights: random {su['width']}-width pipeline, params {su['params']}; built {su['build_seconds']:.1f}s, "
-              f"written {su['write_seconds']:.1f}s ({_gib(su['folder_bytes'])} GiB fp16)")
-    print(f"\n{'part':<16}{'status':<10}{'seconds':>9}")
-    for name, part in p.items():
-        print(f"{name:<16}{part['status']:<10}{_f(part.get('seconds'), '.1f'):>9}  {part.get('error', '')[:100]}")
-    print(f"total {r['total_seconds']:.1f}s (budget {r['budget_s']}s)")
-
-    def section(name, fn):
-        part = p.get(name, {})
-        if part.get("status") != "ok":
-            return
-        try:
-            fn(part["result"])
-        except Exception as err:  # noqa: BLE001 - a printing slip must not hide the rest
-            print(f"  ({name}: cannot print: {err!r})")
-
-    def fidelity(x):
-        print(f"\nfidelity, float32 on {r['device']}, TF32 off (limits: assert_close atol = rtol = 1e-4 as a ratio "
-              "<= 1, or max |a-b| / max |ref| < 1e-4)")
-        for row in x["reference"]:
-            print(f"  {row['name']:<66}{_f(row['value']):>10}  limit {_f(row['limit'])}  rel {_f(row['rel_err'])}"
-                  f"  {'ok' if row['passed'] else 'FAIL'}")
-        d = x["reference_unet_main_with_torch_default_tf32"]
-        print(f"  (unet main out with torch's default float32 settings, cuDNN conv {d['cudnn_conv_fp32_precision']}: "
-              f"ratio {_f(d['close_ratio'])}, rel {_f(d['rel_err'])})")
-        e = x["unet_eval_device_vs_cpu"]
-        print(f"  {e['width']}-width UNet eval ({e['batch']} rows, {e['pixels'][0]}x{e['pixels'][1]} px), device vs "
-              f"CPU fp32: max rel {_f(e['rel_err'])} (limit {_f(e['limit_rel_err'])}), rel L2 {_f(e['rel_l2'])}"
-              + (" [same device]" if e["same_device"] else ""))
-
-    def half(x):
-        print(f"\nhalf precision vs float32 ({x['eval']['width']} width)")
-        print(f"  {'':<44}{'float16':>12}{'bfloat16':>12}")
-        ev, gen = x["eval"], x["generate"]
-        for label, src, key in (("UNet eval rel L2", ev, "rel_l2"), ("UNet eval max rel", ev, "rel_err"),
-                                ("generate final latents rel L2", gen, "latents_rel_l2"),
-                                ("generate frames PSNR dB", gen, "frames_psnr_db"),
-                                ("generate frames max step", gen, "frames_max_step")):
-            print(f"  {label:<44}{_f(src['float16'][key]):>12}{_f(src['bfloat16'][key]):>12}")
-        g = gen["settings"]
-        print(f"  generate: {g['num_frames']} frames {g['width']}x{g['height']}, {g['num_inference_steps']} steps; "
-              "seconds " + ", ".join(f"{k} {v:.2f}" for k, v in gen["seconds"].items()))
-
-    def speed_unet(x):
-        print(f"\nUNet evaluation, {x['batch']} rows ({x['frames']} frames x 2), latent {x['latent'][0]}x"
-              f"{x['latent'][1]}, {str(x['dtype'])}, {x['warmup']} warm-up + {x['rounds']} alternated rounds")
-        for side in ("svdlite", "diffusers"):
-            st = x["seconds"][side]
-            print(f"  {side:<10} median {st['median'] * 1e3:9.1f} ms (min {st['min'] * 1e3:.1f}, max "
-                  f"{st['max'] * 1e3:.1f}); {x['macs'][side] / 1e12:.4g} T MACs; {x[side + '_tflops']:.4g} TFLOP/s = "
-                  f"{x[side + '_fraction_of_peak']:.0%} of the peak")
-        rt = x["ratio_diffusers_over_svdlite"]
-        print(f"  diffusers/svdlite time per round: median {rt['median']:.3f} (min {rt['min']:.3f}, max "
-              f"{rt['max']:.3f}); outputs max rel {_f(x['agreement']['rel_err'])}")
-        print(f"  peak: {x['peak_tflops_used']:.4g} TFLOP/s, {x['peak_note']} ("
-              + ", ".join(f"{k} {v['tflops']:.4g}" for k, v in x["peak_matmul"].items()) + ")")
-
-    def speed_generate(x):
-        st = x["settings"]
-        print(f"\nwhole generate, {st['num_frames']} frames {st['width']}x{st['height']}, {st['num_inference_steps']} "
-              f"steps, decode chunk {st['decode_chunk_size']}, {str(x['dtype'])}, 1 warm-up + {x['rounds']} rounds")
-        for side in ("svdlite", "diffusers"):
-            s = x["seconds"][side]
-            print(f"  {side:<10} median {s['median']:8.2f} s (min {s['min']:.2f}, max {s['max']:.2f})")
-        rt = x["ratio_diffusers_over_svdlite"]
-        a = x["agreement"]
-        print(f"  diffusers/svdlite: median {rt['median']:.3f}; final latents max rel {_f(a['latents_rel_err'])}, "
-              f"frames PSNR {_f(a['frames_psnr_db'])} dB")
-        print(f"  ({x['note']})")
-
-    def memory(x):
-        if not x["measured"]:
-            print(f"\nmemory: not measured on {x['device']} (torch.cuda.max_memory_allocated needs CUDA)")
-            return
-        u, gd = x["unet_eval"], x["generate_default"]
-        print("\nmemory (torch.cuda.max_memory_allocated, GiB)")
-        print(f"  UNet eval {u['frames']} frames {u['pixels'][1]}x{u['pixels'][0]} px, above resident weights: "
-              + ", ".join(f"{s} {_gib(u[s]['memory']['above_resident'])} (weights {_gib(u[s]['weights_bytes'])})"
-                          for s in ("svdlite", "diffusers")))
-        st = gd["settings"]
-        print(f"  generate at SVD-XT's defaults ({st['num_frames']} frames, {st['num_inference_steps']} steps, "
-              f"{st['width']}x{st['height']}, chunk {st['decode_chunk_size']}): "
-              + ", ".join(f"{s} peak {_gib(gd[s]['memory']['peak'])} (weights {_gib(gd[s]['weights_bytes'])}, "
-                          f"{gd[s]['seconds']:.1f} s)" for s in ("svdlite", "diffusers")))
-
-    def levels(x):
-        print("\nspeed levels: " + ", ".join(f"{k} {v:.2f}s ({x['steps'][k]} steps, x{x['speedup_vs_exact'][k]:.2f})"
-                                              for k, v in x["seconds"].items()))
-
-    def compiled(x):
-        print(f"\ntorch.compile (mode {x['mode']}): compile (first call) "
-              + ", ".join(f"{k} {v:.1f}s" for k, v in x["compile_seconds"].items())
-              + "".join(f"; {k}: {v[:120]}" for k, v in x["errors"].items()))
-        for k, st in x["seconds"].items():
-            print(f"  {k:<20} median {st['median'] * 1e3:9.1f} ms  {x['tflops'][k]:.4g} TFLOP/s")
-        for k, st in x.get("speedup_compiled", {}).items():
-            print(f"  {k} eager/compiled: median {st['median']:.3f}")
-
-    for name, fn in (("fidelity", fidelity), ("half", half), ("speed_unet", speed_unet),
-                     ("speed_generate", speed_generate), ("memory", memory), ("levels", levels),
-                     ("compile", compiled)):
-        section(name, fn)
-    failed = [c for c in r["checks"] if not c["passed"]]
-    print(f"\nchecks: {len(r['checks']) - len(failed)} of {len(r['checks'])} passed")
-    for c in failed:
-        print(f"  FAILED {c['part']}: {c['name']}: {_f(c['value'])} (limit {c['kind']} {_f(c['limit'])})")
-
-
 # ------------------------------------------------------------------------------------------------ main
 
 
@@ -1271,7 +686,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv=None) -> int:
+def parse_args(argv):
+    """(args, the parts to run in the tool's order, the torch device); refusals exit with code 2 (parser.error)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.json:
@@ -1295,20 +711,34 @@ def main(argv=None) -> int:
         if device.index is None:  # torch.cuda.set_device and the allocator statistics want the index
             device = torch.device("cuda", torch.cuda.current_device())
         args.device = str(device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    command = shlex.join([sys.executable, "tools/gpu_check.py", *(sys.argv[1:] if argv is None else argv)])
+    return args, parts, device
 
-    def log(msg):
-        print(msg, file=sys.stderr, flush=True)
 
-    start = time.perf_counter()
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    ctx = Context(args, log)
-    result = {"command": command, "device": str(device), "quick": args.quick, "width": ctx.width,
-              "budget_s": args.budget_s, "parts_asked": parts, "machine": machine(device), "parts": {},
-              "sizes": SIZES["quick" if args.quick else "full"]}
+def run_part(name: str, runner, ctx: Context, result: dict) -> None:
+    """One part, timed, its result or its failure (with the traceback) recorded in result["parts"][name]."""
+    t0 = time.perf_counter()
+    try:
+        out = runner(ctx)
+        result["parts"][name] = {"status": "ok", "seconds": time.perf_counter() - t0, "result": out}
+    except Exception as err:  # noqa: BLE001 - recorded; the other parts still run
+        result["parts"][name] = {"status": "failed", "seconds": time.perf_counter() - t0,
+                                 "error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc()}
+        ctx.log(f"{name}: FAILED\n{traceback.format_exc()}")
+        free(ctx.device)
+    ctx.log(f"{name}: {result['parts'][name]['status']} in {time.perf_counter() - t0:.1f}s")
+
+
+def finish(result: dict, ctx: Context, start: float, json_path: str | None) -> None:
+    """The setup, checks and total time into the result, written to `json_path` where asked."""
+    result.update(setup=ctx.setup, checks=ctx.checks, total_seconds=time.perf_counter() - start)
+    if json_path:
+        write_text(json_path, json.dumps(jsonable(result), indent=1))
+
+
+def run_parts(ctx: Context, parts: list[str], result: dict, start: float) -> None:
+    """Each part in turn, unless the elapsed time plus its estimate exceeds the budget; the JSON written after each
+    part, so what is measured so far survives a crash of a later part."""
+    args = ctx.args
 
     def budget_left():
         return args.budget_s - (time.perf_counter() - start)
@@ -1316,36 +746,39 @@ def main(argv=None) -> int:
     runners = {"fidelity": part_fidelity, "half": part_half, "speed_unet": part_speed_unet,
                "speed_generate": part_speed_generate, "memory": part_memory, "levels": part_levels,
                "compile": lambda c: part_compile(c, budget_left)}
+    for name in parts:
+        elapsed = time.perf_counter() - start
+        estimate = 0 if args.quick else ESTIMATE_S[name]
+        if elapsed + estimate > args.budget_s:
+            result["parts"][name] = {"status": "skipped", "error": f"budget: {elapsed:.0f}s elapsed + ~{estimate}s "
+                                                                    f"estimate > {args.budget_s:.0f}s"}
+            ctx.log(f"{name}: skipped ({result['parts'][name]['error']})")
+            continue
+        ctx.log(f"{name}: running ({elapsed:.0f}s elapsed)")
+        run_part(name, runners[name], ctx, result)
+        finish(result, ctx, start, args.json)
+
+
+def main(argv=None) -> int:
+    args, parts, device = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    command = shlex.join([sys.executable, "tools/gpu_check.py", *(sys.argv[1:] if argv is None else argv)])
+    start = time.perf_counter()
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    ctx = Context(args, log)
+    result = {"command": command, "device": str(device), "quick": args.quick, "width": ctx.width,
+              "budget_s": args.budget_s, "parts_asked": parts, "machine": machine(device), "parts": {},
+              "sizes": SIZES["quick" if args.quick else "full"]}
     try:
-        for name in parts:
-            elapsed = time.perf_counter() - start
-            estimate = 0 if args.quick else ESTIMATE_S[name]
-            if elapsed + estimate > args.budget_s:
-                result["parts"][name] = {"status": "skipped", "error": f"budget: {elapsed:.0f}s elapsed + ~{estimate}s "
-                                                                        f"estimate > {args.budget_s:.0f}s"}
-                log(f"{name}: skipped ({result['parts'][name]['error']})")
-                continue
-            log(f"{name}: running ({elapsed:.0f}s elapsed)")
-            t0 = time.perf_counter()
-            try:
-                out = runners[name](ctx)
-                result["parts"][name] = {"status": "ok", "seconds": time.perf_counter() - t0, "result": out}
-            except Exception as err:  # noqa: BLE001 - recorded; the other parts still run
-                result["parts"][name] = {"status": "failed", "seconds": time.perf_counter() - t0,
-                                         "error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc()}
-                log(f"{name}: FAILED\n{traceback.format_exc()}")
-                free(device)
-            log(f"{name}: {result['parts'][name]['status']} in {time.perf_counter() - t0:.1f}s")
-            if args.json:  # what is measured so far survives a crash of a later part
-                result.update(setup=ctx.setup, checks=ctx.checks, total_seconds=time.perf_counter() - start)
-                write_text(args.json, json.dumps(jsonable(result), indent=1))
+        run_parts(ctx, parts, result, start)
     finally:
         ctx.close()
     result.update(setup=ctx.setup, checks=ctx.checks, total_seconds=time.perf_counter() - start)
     result["passed"] = (all(p["status"] == "ok" for p in result["parts"].values())
                         and all(c["passed"] for c in ctx.checks))
-    if args.json:
-        write_text(args.json, json.dumps(jsonable(result), indent=1))
+    finish(result, ctx, start, args.json)
     print_report(result)
     return 0 if result["passed"] else 1
 
