@@ -70,6 +70,7 @@ from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import svdlite
+from benchlib import GIB, log
 from svdlite.conditioning import CFGBatch
 from svdlite.pipeline import decode as svdlite_decode
 from svdlite.denoiser import make_denoiser
@@ -78,7 +79,6 @@ from svdlite.unet import UNetConfig, VideoUNet
 from svdlite.unet_keymap import diffusers_unet_params
 from svdlite.vae import ConditionEncoder, VAEConfig, VideoDecoder
 
-GIB = 2 ** 30
 CUDA_ROUNDING = 512  # the CUDA caching allocator rounds every block up to a multiple of 512 bytes
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 SIDES = ("svdlite", "diffusers")
@@ -645,13 +645,7 @@ def measure_cpu(cases: list[dict], log) -> list[dict]:
         if proc.returncode:
             raise RuntimeError(f"measuring {case} failed:\n{proc.stderr[-3000:]}")
         measured = json.loads(proc.stdout.strip().splitlines()[-1])
-        dtype = DTYPES[case["dtype"]]
-        if case["part"] == "unet":
-            counted = count_unet(case["side"], case["frames"], case["height"], case["width"], dtype,
-                                 case["network"], "cpu")
-        else:
-            counted = count_decode(case["side"], case["frames"], case["height"], case["width"], case["chunk"],
-                                   dtype, case["network"], "cpu")
+        counted = count_case(case, "cpu")
         measured["counted"] = counted["peak"]
         measured["ratio"] = measured["rss_rise"] / counted["peak"]
         out.append(measured)
@@ -682,11 +676,95 @@ class KernelScratch(TorchDispatchMode):
         return out
 
 
+def count_case(case: dict, target: str) -> dict:
+    """The count (count_unet or count_decode) of a measured case, for `target`."""
+    dtype = DTYPES[case["dtype"]]
+    if case["part"] == "unet":
+        return count_unet(case["side"], case["frames"], case["height"], case["width"], dtype, case["network"], target)
+    return count_decode(case["side"], case["frames"], case["height"], case["width"], case["chunk"], dtype,
+                        case["network"], target)
+
+
+def _cuda_network(case: dict, nets: dict):
+    """The case's network on the GPU with random weights: the one built last if it serves, else built anew (the old
+    one dropped first, so only one is resident)."""
+    dtype = DTYPES[case["dtype"]]
+    part = case["part"]
+    key = (case["side"], part, case["network"], dtype if part == "unet" else decoder_dtype(case["side"], dtype))
+    if key not in nets:
+        nets.clear()
+        torch.cuda.empty_cache()
+        nets[key] = build(case["side"], "unet" if part == "unet" else "decoder", case["network"], key[3], "cuda:0",
+                          case["frames"])
+    return nets[key], key[3]
+
+
+def _oom_row(case: dict, err, cap_gib, net) -> dict:
+    torch.cuda.empty_cache()
+    return {**case, "oom": str(err).splitlines()[0], "cap_gib": cap_gib, "weights": weight_bytes(net)}
+
+
+def _measure_call(fn, net) -> tuple:
+    """(tracker, max_memory_allocated's rise over the bytes allocated before the call, those bytes): fn(mark) run
+    under the tracker on real tensors, the device's peak statistics reset where the counted call starts."""
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()  # weights (and library workspaces kept since the warm-up)
+
+    def mark():
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+
+    tracker, inputs, result = track(lambda m: fn(lambda: (mark(), m())), "cuda:0", _names(net))
+    torch.cuda.synchronize()
+    measured = torch.cuda.max_memory_allocated() - before  # the call's inputs are made after `before`
+    del result
+    return tracker, measured, before
+
+
+def _scratch(fn, log) -> list[dict]:
+    """A third call under KernelScratch: the ops whose kernels take memory inside them, the largest six."""
+    probe = KernelScratch()
+    with torch.no_grad(), torch.device("cuda:0"), probe:
+        fn(lambda: None)
+    top = sorted(probe.largest.items(), key=lambda kv: -kv[1])[:6]
+    for k, v in top:
+        log(f"      scratch {v / 2**20:9.1f} MiB  {k[0]} {k[2]} {k[1]}")
+    return [{"op": k[0], "shapes": k[1], "dtype": k[2], "bytes": v} for k, v in top]
+
+
+def measure_cuda_case(case: dict, net, fn, log, scratch: bool, cap_gib) -> dict:
+    """One case on the GPU: a warm-up call, then the measured one beside the tracker and the meta count (or the
+    out-of-memory error under a cap)."""
+    try:
+        track(fn, "cuda:0")  # warm-up: cuBLAS/cuDNN handles and workspaces, the allocator's first segments
+    except torch.cuda.OutOfMemoryError as e:
+        log(f"  {_case_name(case)}: out of memory under a {cap_gib} GiB cap "
+            f"(weights {weight_bytes(net) / GIB:.2f} GiB): {str(e).splitlines()[0][:300]}")
+        return _oom_row(case, e, cap_gib, net)
+    try:
+        tracker, measured, before = _measure_call(fn, net)
+    except torch.cuda.OutOfMemoryError as e:
+        log(f"  {_case_name(case)}: out of memory under a {cap_gib} GiB cap: {str(e).splitlines()[0][:300]}")
+        return _oom_row(case, e, cap_gib, net)
+    counted = count_case(case, "cuda")
+    row = {**case, "cap_gib": cap_gib, "weights": weight_bytes(net), "measured": measured,
+           "tracked_real": tracker.peak, "counted": counted["peak"], "ratio": measured / counted["peak"],
+           "before": before,
+           "reserved_peak": torch.cuda.max_memory_reserved(),
+           "attention_ops": {op: n for op, n in tracker.ops.items() if "attention" in op or "bmm" in op},
+           "counted_attention": counted.get("attention", {})}
+    log(f"  {_case_name(row)}: counted {counted['peak'] / GIB:.3f} GiB, tracked on the GPU "
+        f"{tracker.peak / GIB:.3f}, max_memory_allocated {measured / GIB:.3f} (x{row['ratio']:.3f})")
+    if scratch:  # a third call: which ops take memory inside the kernel
+        row["scratch"] = _scratch(fn, log)
+    return row
+
+
 def measure_cuda(cases: list[dict], log, scratch: bool = False, cap_gib: float | None = None) -> list[dict]:
     """In this process on the GPU: per case, a warm-up call, then torch.cuda.max_memory_allocated's rise over the
     allocated bytes before the call, beside the tracker on the same real tensors and the meta count.
     cap_gib: the caching allocator may hold at most this much (torch.cuda.set_per_process_memory_fraction), as on a
-    smaller GPU; a case that runs out of memory is recorded as such."""
+    smaller GPU; a case that runs out of memory is recorded as such. The last row describes the device."""
     torch.backends.cudnn.benchmark = False
     out, nets, net = [], {}, None
     free0, total = torch.cuda.mem_get_info()  # initialises the context: total - free0 is the context alone
@@ -694,63 +772,12 @@ def measure_cuda(cases: list[dict], log, scratch: bool = False, cap_gib: float |
         torch.cuda.set_per_process_memory_fraction(cap_gib * GIB / total)
     key_of = lambda c: (c["side"], c["part"], c["network"], c["dtype"] if c["part"] == "unet" else "")  # noqa: E731
     for case in sorted(cases, key=key_of):
-        dtype = DTYPES[case["dtype"]]
-        side, part, fd, fh, fw = case["side"], case["part"], case["frames"], case["height"], case["width"]
-        key = (side, part, case["network"], dtype if part == "unet" else decoder_dtype(side, dtype))
-        if key not in nets:
-            net = None
-            nets.clear()
-            torch.cuda.empty_cache()
-            nets[key] = build(side, "unet" if part == "unet" else "decoder", case["network"], key[3], "cuda:0", fd)
-        net = nets[key]
-        fn = (unet_call(side, net, fd, fh, fw, dtype) if part == "unet"
-              else decode_call(side, net, fd, fh, fw, case["chunk"], key[3]))
-        try:
-            track(fn, "cuda:0")  # warm-up: cuBLAS/cuDNN handles and workspaces, the allocator's first segments
-        except torch.cuda.OutOfMemoryError as e:
-            out.append({**case, "oom": str(e).splitlines()[0], "cap_gib": cap_gib, "weights": weight_bytes(net)})
-            log(f"  {_case_name(case)}: out of memory under a {cap_gib} GiB cap "
-                f"(weights {weight_bytes(net) / GIB:.2f} GiB): {str(e).splitlines()[0][:300]}")
-            torch.cuda.empty_cache()
-            continue
-        torch.cuda.synchronize()
-        before = torch.cuda.memory_allocated()  # weights (and library workspaces kept since the warm-up)
-
-        def mark():
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-
-        try:
-            tracker, inputs, result = track(lambda m: fn(lambda: (mark(), m())), "cuda:0", _names(net))
-        except torch.cuda.OutOfMemoryError as e:
-            out.append({**case, "oom": str(e).splitlines()[0], "cap_gib": cap_gib, "weights": weight_bytes(net)})
-            log(f"  {_case_name(case)}: out of memory under a {cap_gib} GiB cap: {str(e).splitlines()[0][:300]}")
-            torch.cuda.empty_cache()
-            continue
-        torch.cuda.synchronize()
-        measured = torch.cuda.max_memory_allocated() - before  # the call's inputs are made after `before`
-        del result
-        if part == "unet":
-            counted = count_unet(side, fd, fh, fw, dtype, case["network"], "cuda")
-        else:
-            counted = count_decode(side, fd, fh, fw, case["chunk"], dtype, case["network"], "cuda")
-        row = {**case, "cap_gib": cap_gib, "weights": weight_bytes(net), "measured": measured,
-               "tracked_real": tracker.peak, "counted": counted["peak"], "ratio": measured / counted["peak"],
-               "before": before,
-               "reserved_peak": torch.cuda.max_memory_reserved(),
-               "attention_ops": {op: n for op, n in tracker.ops.items() if "attention" in op or "bmm" in op},
-               "counted_attention": counted.get("attention", {})}
-        out.append(row)
-        log(f"  {_case_name(row)}: counted {counted['peak'] / GIB:.3f} GiB, tracked on the GPU "
-            f"{tracker.peak / GIB:.3f}, max_memory_allocated {measured / GIB:.3f} (x{row['ratio']:.3f})")
-        if scratch:  # a third call: which ops take memory inside the kernel
-            probe = KernelScratch()
-            with torch.no_grad(), torch.device("cuda:0"), probe:
-                fn(lambda: None)
-            top = sorted(probe.largest.items(), key=lambda kv: -kv[1])[:6]
-            row["scratch"] = [{"op": k[0], "shapes": k[1], "dtype": k[2], "bytes": v} for k, v in top]
-            for k, v in top:
-                log(f"      scratch {v / 2**20:9.1f} MiB  {k[0]} {k[2]} {k[1]}")
+        net = None  # this name's hold on the last network dropped before another is built
+        net, net_dtype = _cuda_network(case, nets)
+        fd, fh, fw = case["frames"], case["height"], case["width"]
+        fn = (unet_call(case["side"], net, fd, fh, fw, DTYPES[case["dtype"]]) if case["part"] == "unet"
+              else decode_call(case["side"], net, fd, fh, fw, case["chunk"], net_dtype))
+        out.append(measure_cuda_case(case, net, fn, log, scratch, cap_gib))
     free1, _ = torch.cuda.mem_get_info()
     out.append({"part": "device", "total": total, "free_at_start": free0, "free_at_end": free1,
                 "reserved": torch.cuda.memory_reserved(), "allocated": torch.cuda.memory_allocated(),
@@ -784,7 +811,7 @@ def parse_size(text: str) -> tuple[int, int]:
     return width, height
 
 
-def main(argv=None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="Sizes are width x height in pixels. Nothing is written without --json.")
@@ -820,15 +847,14 @@ def main(argv=None) -> None:
     parser.add_argument("--json", metavar="OUT", help="write the rows (and measurements) to this JSON file")
     parser.add_argument("--force", action="store_true", help="overwrite an existing --json file")
     parser.add_argument("--measure-case", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    if args.measure_case:
-        print(json.dumps(measure_cpu_case(json.loads(args.measure_case))))
-        return
+    return parser
+
+
+def check_args(parser: argparse.ArgumentParser, args) -> list[tuple[int, int]]:
+    """The sizes to count (the default ones where none is given); refusals exit with code 2 (parser.error)."""
     if args.json and Path(args.json).exists() and not args.force:
         parser.error(f"{args.json} exists; pass --force to overwrite it")
     sizes = args.size or [parse_size(s) for s in DEFAULT_SIZES]
-    sides = ("svdlite",) if args.no_diffusers else SIDES
-    dtypes = [DTYPES[d] for d in args.dtype]
     try:
         for width, height in sizes:
             for frames in args.frames:
@@ -837,14 +863,14 @@ def main(argv=None) -> None:
             raise ValueError(f"chunks must be >= 1, got {args.chunks}")
     except ValueError as e:
         parser.error(str(e))
-    log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
-    log(f"counting on {machine()} ({args.target} target, {args.network} networks)")
-    rows = table_rows(sizes, args.frames, dtypes, args.chunks, sides, args.network, args.target, args.allowance,
-                      args.top, log)
-    chunks = args.chunks
+    return sizes
+
+
+def print_tables(rows: list[dict], args) -> None:
+    """The markdown table, the smallest GPU of each row and, with --top, the largest live tensors at the peaks."""
     print(f"Peak live tensors, GiB (2^30 bytes), {args.network} networks, {args.target} target; weights = every "
           f"network the pipeline holds; total cC = weights + max(UNet step, decode at chunk C, encode)")
-    print(markdown_table(rows, chunks))
+    print(markdown_table(rows, args.chunks))
     for r in rows:
         print(f"{r['side']:<9} {r['frames']:>2} frames {r['width']}x{r['height']} {r['dtype']}: smallest GPU "
               + ", ".join(f"chunk {c}: {g:.1f} GiB" for c, g in r["gpu_gib"].items())
@@ -854,14 +880,35 @@ def main(argv=None) -> None:
             if r["side"] == "svdlite":
                 print(f"\nsvdlite {r['frames']} frames {r['width']}x{r['height']} {r['dtype']}:")
                 print(top_report(r, args.top))
+
+
+def measure_cases(args, sizes, sides) -> list[dict]:
+    """The --measure cases: the UNet step at every frame count, size, dtype and side; the decode at every frame
+    count, size, chunk and side, in the first dtype."""
+    common = {"network": args.network, "threads": args.threads, "mmap_threshold": args.mmap_threshold}
+    cases = [{"side": s, "part": "unet", "frames": f, "width": w, "height": h, "dtype": d, **common}
+             for f in args.frames for w, h in sizes for d in args.dtype for s in sides]
+    cases += [{"side": s, "part": "decode", "frames": f, "width": w, "height": h, "dtype": args.dtype[0],
+               "chunk": c, **common} for f in args.frames for w, h in sizes for c in args.chunks for s in sides]
+    return cases
+
+
+def main(argv=None) -> None:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.measure_case:
+        print(json.dumps(measure_cpu_case(json.loads(args.measure_case))))
+        return
+    sizes = check_args(parser, args)
+    sides = ("svdlite",) if args.no_diffusers else SIDES
+    log(f"counting on {machine()} ({args.target} target, {args.network} networks)")
+    rows = table_rows(sizes, args.frames, [DTYPES[d] for d in args.dtype], args.chunks, sides, args.network,
+                      args.target, args.allowance, args.top, log)
+    print_tables(rows, args)
     result = {"machine": machine(), "rows": rows,
               "command": " ".join(["tools/count_memory.py"] + (sys.argv[1:] if argv is None else list(argv)))}
     if args.measure:
-        common = {"network": args.network, "threads": args.threads, "mmap_threshold": args.mmap_threshold}
-        cases = [{"side": s, "part": "unet", "frames": f, "width": w, "height": h, "dtype": d, **common}
-                 for f in args.frames for w, h in sizes for d in args.dtype for s in sides]
-        cases += [{"side": s, "part": "decode", "frames": f, "width": w, "height": h, "dtype": args.dtype[0],
-                   "chunk": c, **common} for f in args.frames for w, h in sizes for c in chunks for s in sides]
+        cases = measure_cases(args, sizes, sides)
         log(f"measuring {len(cases)} cases")
         result["measured"] = (measure_cuda(cases, log, args.scratch, args.cap_gib) if args.target == "cuda"
                               else measure_cpu(cases, log))
