@@ -74,6 +74,7 @@ from benchlib import GIB, log
 from svdlite.conditioning import CFGBatch
 from svdlite.pipeline import decode as svdlite_decode
 from svdlite.denoiser import make_denoiser
+from svdlite.outputs import add_force, check_outputs, write_text
 from svdlite.plan import Step
 from svdlite.unet import UNetConfig, VideoUNet
 from svdlite.unet_keymap import diffusers_unet_params
@@ -845,15 +846,15 @@ def build_parser() -> argparse.ArgumentParser:
                              "follows the live tensors); default: glibc's adaptive threshold, which keeps freed "
                              "blocks up to 32 MiB for reuse")
     parser.add_argument("--json", metavar="OUT", help="write the rows (and measurements) to this JSON file")
-    parser.add_argument("--force", action="store_true", help="overwrite an existing --json file")
+    add_force(parser)
     parser.add_argument("--measure-case", help=argparse.SUPPRESS)
     return parser
 
 
 def check_args(parser: argparse.ArgumentParser, args) -> list[tuple[int, int]]:
     """The sizes to count (the default ones where none is given); refusals exit with code 2 (parser.error)."""
-    if args.json and Path(args.json).exists() and not args.force:
-        parser.error(f"{args.json} exists; pass --force to overwrite it")
+    if args.json:
+        check_outputs(parser, [args.json], args.force)
     sizes = args.size or [parse_size(s) for s in DEFAULT_SIZES]
     try:
         for width, height in sizes:
@@ -913,7 +914,7 @@ def main(argv=None) -> None:
         result["measured"] = (measure_cuda(cases, log, args.scratch, args.cap_gib) if args.target == "cuda"
                               else measure_cpu(cases, log))
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=1))
+        write_text(args.json, json.dumps(result, indent=1))
         log(f"wrote {args.json}")
 
 
