@@ -202,3 +202,15 @@ def write_diffusers_pipeline(folder, width: str, seed: int, *, num_frames: int =
         pipe.to(torch.float16).save_pretrained(folder, variant="fp16")
     else:
         pipe.save_pretrained(folder)
+
+
+def encoder_outputs(encoder, quant_conv, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The VAE encoder's outputs that tests/reference stores for input x (vae_encoder_tiny_io.safetensors): the
+    moments, their mean (the mode), both after quant_conv, the last through `vae.encode_condition`."""
+    from .vae import encode_condition
+
+    with torch.no_grad():
+        moments = encoder(x)  # mean and log-variance, half the channels each
+        return {"moments": moments, "mode": moments[:, :moments.shape[1] // 2],
+                "moments_quant_conv": quant_conv(moments), "mode_quant_conv": encode_condition(encoder, quant_conv, x)}
+

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from gpu_measure import finite, rel_err
-from svdlite.testing import block_outputs
+from svdlite.testing import block_outputs, encoder_outputs
 
 # The tests' tolerances (tests/test_unet_reference.py, test_vae.py: atol = rtol = 1e-4; test_pipeline_reference.py:
 # max |a - b| / max |ref| < 1e-4), applied here on the device in float32 with TF32 off.
@@ -173,7 +173,7 @@ def encoder_rows(ref: Reference, rows: Rows) -> None:
     """tests/test_vae.py's encoder: the moments, their mode, both through quant_conv."""
     from safetensors.torch import load_file
 
-    from svdlite.vae import Encoder, encode_condition, make_quant_conv
+    from svdlite.vae import Encoder, make_quant_conv
     from svdlite.vae_keymap import FIRST_STAGE_ENCODER_PREFIX, QUANT_CONV_PREFIX
 
     enc_cfg = ref.vae_config("encoder")
@@ -185,11 +185,7 @@ def encoder_rows(ref: Reference, rows: Rows) -> None:
                                 if k.startswith(QUANT_CONV_PREFIX)}, strict=True)
     encoder, quant_conv = encoder.eval().to(ref.device), quant_conv.eval().to(ref.device)
     eio = ref.tensors("vae_encoder_tiny_io.safetensors")
-    with torch.no_grad():
-        moments = encoder(eio["x"])
-        got = {"moments": moments, "mode": moments[:, :enc_cfg.z_channels], "moments_quant_conv": quant_conv(moments),
-               "mode_quant_conv": encode_condition(encoder, quant_conv, eio["x"])}
-    for key, value in got.items():
+    for key, value in encoder_outputs(encoder, quant_conv, eio["x"]).items():
         rows.compare(f"vae encoder {key}", value, eio[key])
 
 
