@@ -4,6 +4,8 @@
 declares (formats.open_model_source), makes its read plan (read_plans.py) and loads it strictly (strict_load.py).
 `load_model` (components.py), `load_unet`, conversion (convert.py) and `svdlite info` (info.py) all go through it.
 """
+import contextlib
+
 import torch
 from torch import nn
 
@@ -63,7 +65,9 @@ def load_component(ms: ModelSource, component: str, *, device="cpu", dtype: torc
     if component == "unet" and fold_cross_attention is not True and ms.fmt == SVDLITE_FORMAT:
         raise CheckpointError(f"{ms.path} is an svdlite file, which holds only the folded cross-attention; the "
                               "unfolded ablation needs an original or diffusers checkpoint")
-    with gc_paused():  # the UNet's ~27k module objects are built with the collector paused (strict_load.gc_paused)
+    # the UNet's ~27k module objects are built with the collector paused (strict_load.gc_paused); never the CLIP
+    # tower, whose build imports open_clip: its import cycles would wait for a collection in the middle of sampling
+    with gc_paused() if component == "unet" else contextlib.nullcontext():
         model, shapes, plan, scope, ignored = planned_component(
             ms, component, fold_cross_attention=fold_cross_attention, fold_product=fold_product)
         load_planned(model, ms.files[component], plan, scope=scope, ignored=ignored, dtype=dtype, device=device,

@@ -161,3 +161,25 @@ def test_reads_are_reported_in_steps_that_add_up_to_the_bytes_read(tmp_path, mon
     assert all(n >= 4096 for n in calls[:-1]) and 0 < calls[-1]
     assert all(torch.equal(a, b) for a, b in zip(quiet.state_dict().values(), model.state_dict().values()))
     assert src.nbytes(ORIGINAL_PREFIX + "out.2.bias") == 2 * TINY.out_channels  # float16: 2 bytes per value
+
+
+def test_collector_paused_for_the_unet_only(monkeypatch):
+    """gc is paused while the UNet is built (its ~27k objects), never around the CLIP tower, whose build imports
+    open_clip: that import's cycles left uncollected would be collected, finalizers and all, mid-sampling."""
+    import gc
+
+    from svdlite import loading
+    from svdlite.components import load_model
+
+    seen = {}
+    real = loading.build_component
+
+    def spy(component, ms, **kwargs):
+        seen[component] = gc.isenabled()
+        return real(component, ms, **kwargs)
+
+    monkeypatch.setattr(loading, "build_component", spy)
+    assert gc.isenabled()
+    load_model("tiny", device="cpu")
+    assert seen == {"unet": False, "vae_encoder": True, "vae_decoder": True, "image_encoder": True}
+    assert gc.isenabled()
