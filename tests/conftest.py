@@ -70,3 +70,22 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-30)).item()
 
 
+
+
+@pytest.fixture
+def fail_open_clip_import(monkeypatch):
+    """fail(message): from then on, importing open_clip raises RuntimeError(message), as it does when the installed
+    torchvision was built for another torch ("operator torchvision::nms does not exist")."""
+    import builtins
+
+    real_import = builtins.__import__
+
+    def fail(message: str) -> None:
+        def failing_import(name, *args, **kwargs):
+            if name.split(".")[0] == "open_clip":
+                raise RuntimeError(message)
+            return real_import(name, *args, **kwargs)
+
+        monkeypatch.setattr(builtins, "__import__", failing_import)
+
+    return fail

@@ -217,22 +217,14 @@ def test_import_does_not_load_open_clip():
     assert out.stdout.strip() == "False"
 
 
-def test_a_torchvision_built_for_another_torch_is_named_with_both_versions(monkeypatch):
+def test_a_torchvision_built_for_another_torch_is_named_with_both_versions(fail_open_clip_import):
     """open_clip imports torchvision, whose import fails with `operator torchvision::nms does not exist` when it was
     built for another torch: building the image encoder then says which versions are installed and what to do."""
-    import builtins
     from importlib.metadata import version
 
     from svdlite.clip import TorchvisionMismatchError
 
-    real_import = builtins.__import__
-
-    def failing_import(name, *args, **kwargs):
-        if name.split(".")[0] == "open_clip":
-            raise RuntimeError("operator torchvision::nms does not exist")
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", failing_import)
+    fail_open_clip_import("operator torchvision::nms does not exist")
     with pytest.raises(TorchvisionMismatchError) as info, torch.device("meta"):
         build_image_encoder(CLIPVisionConfig(layers=1))
     message = str(info.value)
@@ -243,11 +235,6 @@ def test_a_torchvision_built_for_another_torch_is_named_with_both_versions(monke
     assert f"pip install torch=={torch_version} torchvision==<that release>" in message
     assert "https://pytorch.org/get-started/previous-versions/" in message
 
-    def other_failure(name, *args, **kwargs):
-        if name.split(".")[0] == "open_clip":
-            raise RuntimeError("something else")
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", other_failure)
+    fail_open_clip_import("something else")
     with pytest.raises(RuntimeError, match="^something else$"), torch.device("meta"):
         build_image_encoder(CLIPVisionConfig(layers=1))

@@ -219,17 +219,8 @@ def test_load_model_progress_bar_counts_the_bytes_read(capsys):
         assert torch.equal(a, b)
 
 
-def test_a_mismatched_torchvision_ends_info_with_one_line_and_exit_1(monkeypatch, capsys):
-    import builtins
-
-    real_import = builtins.__import__
-
-    def failing_import(name, *args, **kwargs):
-        if name.split(".")[0] == "open_clip":
-            raise RuntimeError("operator torchvision::nms does not exist")
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", failing_import)
+def test_a_mismatched_torchvision_ends_info_with_one_line_and_exit_1(fail_open_clip_import, capsys):
+    fail_open_clip_import("operator torchvision::nms does not exist")
     assert cli.main(["info", str(TINY_FILE)]) == errors.EXIT_FAILED
     err = capsys.readouterr().err
     assert err.startswith("svdlite: error: cannot import open_clip (svdlite builds the CLIP image encoder with it): "
