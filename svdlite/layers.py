@@ -11,7 +11,6 @@ from einops import rearrange
 from torch import nn
 
 from . import kernels
-from .kernels import CONV_LINEAR_MIN_ROWS  # noqa: F401  (re-exported: tools and docs name it here)
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -26,7 +25,7 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear(x, weight, bias); float32 on the CPU with >= CONV_LINEAR_MIN_ROWS rows as a 1x1 convolution
+    """F.linear(x, weight, bias); float32 on the CPU with >= kernels.CONV_LINEAR_MIN_ROWS rows as a 1x1 convolution
     (`kernels.conv_linear` decides).
 
     The rows of x, as they lie in memory, are the pixels of a channels-last (1, K, rows, 1) image, and weight

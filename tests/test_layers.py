@@ -47,7 +47,7 @@ def test_linear_as_convolution_equals_f_linear(shape, bias):
 def test_linear_keeps_f_linear_below_the_row_threshold_and_for_other_dtypes():
     g = torch.Generator().manual_seed(1)
     weight = torch.randn(32, 64, generator=g)
-    small = torch.randn(layers.CONV_LINEAR_MIN_ROWS - 1, 64, generator=g)
+    small = torch.randn(kernels.CONV_LINEAR_MIN_ROWS - 1, 64, generator=g)
     half = torch.randn(400, 64, generator=g).bfloat16()
     for x, w in ((small, weight), (half, weight.bfloat16())):
         with _Ops() as ops:
@@ -134,7 +134,8 @@ def test_linear_compiles_without_graph_breaks():
     threshold) it is F.linear, bit for bit."""
     import torch._dynamo
 
-    from svdlite.layers import CONV_LINEAR_MIN_ROWS, linear
+    from svdlite.kernels import CONV_LINEAR_MIN_ROWS
+    from svdlite.layers import linear
 
     x, w, b = torch.randn(CONV_LINEAR_MIN_ROWS, 32), torch.randn(48, 32), torch.randn(48)
     explanation = torch._dynamo.explain(linear)(x, w, b)
